@@ -1,0 +1,186 @@
+"""Array-API helpers: namespace resolution, norms and callback checks.
+
+Everything here works on the core of the Array API standard only (no
+``linalg`` extension), so array-api-strict with extensions disabled passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import array_api_compat
+
+__all__ = [
+    "Array",
+    "CheckedCallback",
+    "check_contraction",
+    "check_int",
+    "check_nonnegative",
+    "namespace_of",
+    "norm",
+]
+
+Array = Any
+"""Any array of a library that follows the Array API standard."""
+
+
+def namespace_of(x: Array, name: str) -> Any:
+    """Return the Array-API namespace of ``x``; check it is a real floating array."""
+    try:
+        xp = array_api_compat.array_namespace(x)
+    except TypeError as exc:
+        msg = f"{name} must be an array of a library supported by array-api-compat, got {type(x).__name__}"
+        raise TypeError(msg) from exc
+    if not xp.isdtype(x.dtype, "real floating"):
+        msg = f"{name} must have a real floating dtype, got {x.dtype}"
+        raise TypeError(msg)
+    return xp
+
+
+def _sqnorm(xp: Any, x: Array) -> Array:
+    """Sum of squares over all elements, as a 0-d array (no device sync)."""
+    return xp.sum(x * x)
+
+
+def _quiet(xp: Any) -> contextlib.AbstractContextManager[Any]:
+    """Silence NumPy's floating-point warnings while :func:`norm` handles overflow itself.
+
+    NumPy is taken from ``sys.modules``: it is loaded already when its arrays (or
+    array-api-strict's, which wrap NumPy's) are here.
+    """
+    if array_api_compat.is_numpy_namespace(xp) or array_api_compat.is_array_api_strict_namespace(xp):
+        return sys.modules["numpy"].errstate(over="ignore", under="ignore", invalid="ignore")  # type: ignore[no-any-return]
+    return contextlib.nullcontext()
+
+
+def norm(xp: Any, x: Array) -> float:
+    """2-norm over all elements of ``x`` as a Python float: the one device sync.
+
+    The fast path squares and sums. When that overflows (finite entries near the
+    top of the dtype's range) or underflows to zero for a non-zero array, the
+    norm is recomputed with scaling, so a finite array never reports an
+    infinite or zero norm. A non-finite array reports ``nan`` or ``inf``.
+    """
+    with _quiet(xp):
+        s = float(_sqnorm(xp, x))
+        if s > 0.0 and math.isfinite(s):
+            return math.sqrt(s)
+        # Slow path, taken only on overflow, underflow or non-finite input.
+        if not bool(xp.all(xp.isfinite(x))):
+            return math.nan if math.isnan(s) else math.inf
+        scale = float(xp.max(xp.abs(x))) if x.ndim > 0 else abs(float(x))
+        if scale == 0.0:
+            return 0.0
+        return scale * math.sqrt(float(_sqnorm(xp, x / scale)))
+
+
+class CheckedCallback:
+    """Wrap a user callback so that a bad output fails loudly, naming the callback.
+
+    The output must be an array of the same library, shape and dtype as the
+    reference array (and on the same device). The full namespace check runs on
+    the first call and whenever the output's type changes; later calls compare
+    type, shape and dtype attributes, which costs nanoseconds.
+    """
+
+    __slots__ = ("_device", "_dtype", "_fn", "_name", "_ok_type", "_shape", "_verb", "_xp", "calls")
+
+    def __init__(self, fn: object, name: str, like: Array, xp: Any, *, verb: str = "returned") -> None:
+        if not callable(fn):
+            msg = f"{name} must be callable, got {type(fn).__name__}"
+            raise TypeError(msg)
+        self._fn: Callable[[Array], Array] = fn
+        self._name = name
+        self._verb = verb
+        self._xp = xp
+        self._shape = tuple(like.shape)
+        self._dtype = like.dtype
+        self._device = array_api_compat.device(like)
+        self._ok_type: type | None = None
+        self.calls = 0
+
+    def __call__(self, v: Array) -> Array:
+        self.calls += 1
+        out = self._fn(v)
+        if type(out) is not self._ok_type:
+            self._check_library(out)
+        if tuple(out.shape) != self._shape:
+            msg = (
+                f"{self._name} {self._verb} an array of shape {tuple(out.shape)}; "
+                f"expected shape {self._shape} (the shape of the state)"
+            )
+            raise ValueError(msg)
+        if out.dtype != self._dtype:
+            msg = f"{self._name} {self._verb} dtype {out.dtype}; expected {self._dtype} (the dtype of the state)"
+            raise TypeError(msg)
+        return out
+
+    def _check_library(self, out: Array) -> None:
+        try:
+            xp = array_api_compat.array_namespace(out)
+        except TypeError:
+            xp = None
+        if xp is not self._xp:
+            got = type(out).__module__ + "." + type(out).__name__
+            msg = (
+                f"{self._name} {self._verb} a {got}; expected an array of the same library as the "
+                f"state ({self._xp.__name__}), with shape {self._shape}"
+            )
+            raise TypeError(msg)
+        device = array_api_compat.device(out)
+        if device != self._device:
+            msg = f"{self._name} {self._verb} an array on device {device}; expected {self._device}"
+            raise ValueError(msg)
+        self._ok_type = type(out)
+
+
+def check_int(value: object, name: str, minimum: int) -> int:
+    """Validate an integer option (bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        msg = f"{name} must be an integer, got {value!r}"
+        raise TypeError(msg)
+    if value < minimum:
+        msg = f"{name} must be >= {minimum}, got {value!r}"
+        raise ValueError(msg)
+    return int(value)
+
+
+def check_nonnegative(value: object, name: str) -> float:
+    """Validate a finite, non-negative real option such as a tolerance."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        msg = f"{name} must be a real number, got {value!r}"
+        raise TypeError(msg)
+    v = float(value)
+    if not (math.isfinite(v) and v >= 0.0):
+        msg = f"{name} must be finite and >= 0, got {value!r}"
+        raise ValueError(msg)
+    return v
+
+
+def check_contraction(value: object) -> float | None:
+    """Validate a contraction bound: None, or a real number in [0, 1)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        msg = f"contraction must be None or a real number in [0, 1), got {value!r}"
+        raise TypeError(msg)
+    v = float(value)
+    if not 0.0 <= v < 1.0:
+        msg = f"contraction must lie in [0, 1) (a bound on ||J||_2 below 1), got {value!r}"
+        raise ValueError(msg)
+    return v
+
+
+def same_kind(xp: Any, x: Array, like: Array, name: str) -> None:
+    """Check that ``x`` (e.g. a warm start) matches ``like`` in library, shape, dtype and device."""
+    CheckedCallback(lambda v: v, name, like, xp, verb="is")(x)
+
+
+def eps(xp: Any, dtype: Any) -> float:
+    """Machine epsilon of a real floating dtype."""
+    return float(xp.finfo(dtype).eps)

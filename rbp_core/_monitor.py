@@ -1,0 +1,129 @@
+"""The bookkeeping shared by every iterative routine: one place decides how an iteration ends.
+
+Each solver computes its own updates and hands the monitored norm (one Python
+float per iteration, the only device sync) to :class:`Monitor`, which keeps the
+history, tests convergence, divergence and finiteness, checks the user's
+contraction bound, and finally builds the :class:`~rbp_core.Solution`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ._errors import ContractionViolation, ConvergenceError
+from ._solution import Solution, Status
+
+__all__ = ["Monitor"]
+
+
+class Monitor:
+    """Termination logic and history of one solve.
+
+    Parameters
+    ----------
+    method : str
+        Name used in messages and in :attr:`Solution.method`.
+    max_iter : int
+        Iteration budget; reaching it without success gives ``MAX_STEPS``.
+    threshold : float or None
+        Success when the monitored norm is ``<= threshold``; None for a fixed
+        number of steps (success when the budget is used up).
+    divergence_factor : float or None
+        ``DIVERGED`` when the norm exceeds this factor times the smallest norm
+        seen so far.
+    ratio_bound : float or None
+        The contraction the user claims for the map whose powers produce
+        consecutive monitored vectors. A ratio of consecutive norms above it
+        (beyond rounding, ``slack``) disproves the claim.
+    slack : float
+        Absolute rounding allowance for that check.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        *,
+        max_iter: int,
+        threshold: float | None,
+        divergence_factor: float | None = None,
+        ratio_bound: float | None = None,
+        slack: float = 0.0,
+        rel_slack: float = 0.0,
+    ) -> None:
+        self.method = method
+        self.max_iter = max_iter
+        self.threshold = threshold
+        self.divergence_factor = divergence_factor
+        self.ratio_bound = ratio_bound
+        self.slack = slack
+        self.rel_slack = rel_slack
+        self.history: list[float] = []
+        self.best = math.inf
+        self.observed_ratio = 0.0
+        self.violated = False
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.history)
+
+    def observe(self, r: float, threshold: float | None = None) -> Status | None:
+        """Record the norm after one iteration; return the final status or None to go on.
+
+        ``threshold`` replaces the stored one from now on (for relative tests
+        whose scale moves, as in :func:`~rbp_core.fixed_point`).
+        """
+        if threshold is not None:
+            self.threshold = threshold
+        prev = self.history[-1] if self.history else None
+        self.history.append(r)
+        if not math.isfinite(r):
+            return Status.NONFINITE
+        if prev is not None and prev > 0.0:
+            ratio = r / prev
+            self.observed_ratio = max(self.observed_ratio, ratio)
+            if self.ratio_bound is not None and r > self.ratio_bound * prev * (1.0 + self.rel_slack) + self.slack:
+                self.violated = True
+        if self.threshold is not None and r <= self.threshold:
+            return Status.SUCCESS
+        if self.divergence_factor is not None and r > self.divergence_factor * self.best:
+            return Status.DIVERGED
+        self.best = min(self.best, r)
+        if len(self.history) >= self.max_iter:
+            return Status.SUCCESS if self.threshold is None else Status.MAX_STEPS
+        return None
+
+    def finish(
+        self,
+        value: Any,
+        status: Status,
+        *,
+        num_vjp: int,
+        num_jvp: int = 0,
+        error_bound: float | None = None,
+        throw: bool,
+    ) -> Solution:
+        """Build the Solution; raise if it failed and ``throw`` is set."""
+        if self.violated:
+            if throw:
+                msg = (
+                    f"{self.method}: contraction={self.ratio_bound!r} is false: the iteration saw "
+                    f"||J^T v|| / ||v|| = {self.observed_ratio:.6g} > {self.ratio_bound!r}, so no "
+                    f"error bound can be certified. Give a true upper bound on ||J||_2 or none."
+                )
+                raise ContractionViolation(msg)
+            error_bound = None
+        solution = Solution(
+            value=value,
+            status=status,
+            method=self.method,
+            num_steps=len(self.history),
+            num_vjp=num_vjp,
+            num_jvp=num_jvp,
+            residual_norms=tuple(self.history),
+            tolerance=self.threshold,
+            error_bound=error_bound if status is not Status.NONFINITE else None,
+        )
+        if throw and not solution.converged:
+            raise ConvergenceError(solution)
+        return solution

@@ -1,0 +1,116 @@
+"""Original RBP (Almeida 1987, Pineda 1987): the fixed-point iteration z <- J^T z + g."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from ._arrays import Array, CheckedCallback, check_contraction, check_int, eps, namespace_of, norm, same_kind
+from ._defaults import DEFAULT_DIVERGENCE_FACTOR, DEFAULT_MAX_ITER, check_divergence_factor, resolve_tol
+from ._monitor import Monitor
+from ._solution import Solution, Status
+
+__all__ = ["original_rbp"]
+
+
+def original_rbp(
+    vjp: Callable[[Array], Array],
+    g: Array,
+    *,
+    tol: float | None = None,
+    max_iter: int = DEFAULT_MAX_ITER,
+    z0: Array | None = None,
+    contraction: float | None = None,
+    divergence_factor: float | None = DEFAULT_DIVERGENCE_FACTOR,
+    throw: bool = True,
+) -> Solution:
+    r"""Solve :math:`(I - J^T) z = g` by iterating ``z_i = vjp(z_{i-1}) + g``.
+
+    Converges when the spectral radius of ``J`` is below 1, at a rate of about
+    that radius per iteration, and diverges otherwise even when ``I - J`` is
+    invertible: use :func:`cg_rbp` there. The difference ``z_i - z_{i-1}`` is
+    exactly the residual ``g - (I - J^T) z_{i-1}``; the iteration stops when its
+    norm is ``<= tol * ||g||``.
+
+    Parameters
+    ----------
+    vjp : callable
+        ``v -> J^T v``; returns an array like ``g``.
+    g : array
+        Right-hand side, any shape. Never modified.
+    tol : float, optional
+        Relative tolerance; default ``sqrt(eps)`` of ``g``'s dtype.
+    max_iter : int
+        Iteration budget (>= 1).
+    z0 : array, optional
+        Warm start. Without it ``z_0 = 0``, so ``z_1 = g`` costs no VJP and
+        ``num_vjp = num_steps - 1``; with it every iteration costs one VJP.
+    contraction : float, optional
+        A bound ``mu < 1`` on ``||J||_2``; gives ``error_bound =
+        mu/(1-mu) * ||z_i - z_{i-1}||``, a bound on ``||z_i - z*||``.
+    divergence_factor : float or None
+        Status ``DIVERGED`` as soon as the residual norm exceeds this factor
+        times the smallest residual norm seen; None turns the test off (for a
+        non-normal ``J`` whose residuals grow for a while before they shrink).
+    throw : bool
+        Raise :class:`~rbp_core.ConvergenceError` unless the solve converged.
+
+    Returns
+    -------
+    Solution
+        ``residual_norms[i-1] = ||z_i - z_{i-1}||``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import rbp_core
+    >>> J = np.array([[0.5, 0.0], [0.1, 0.2]])
+    >>> sol = rbp_core.original_rbp(lambda v: J.T @ v, np.ones(2), tol=1e-12)
+    >>> sol.converged, np.allclose(sol.value, np.linalg.solve(np.eye(2) - J.T, np.ones(2)))
+    (True, True)
+    """
+    xp = namespace_of(g, "g")
+    tol = resolve_tol(tol, xp, g.dtype)
+    max_iter = check_int(max_iter, "max_iter", 1)
+    mu = check_contraction(contraction)
+    divergence_factor = check_divergence_factor(divergence_factor)
+    op = CheckedCallback(vjp, "vjp", g, xp)
+    gnorm = norm(xp, g)
+    root_eps = math.sqrt(eps(xp, g.dtype))
+    mon = Monitor(
+        "original_rbp",
+        max_iter=max_iter,
+        threshold=tol * gnorm,
+        divergence_factor=divergence_factor,
+        ratio_bound=mu,
+        slack=root_eps * gnorm / (1.0 - (mu or 0.0)),
+        rel_slack=root_eps,
+    )
+    if not math.isfinite(gnorm):
+        mon.history.append(gnorm)
+        return mon.finish(xp.zeros_like(g), Status.NONFINITE, num_vjp=0, throw=throw)
+    if gnorm == 0.0:
+        return mon.finish(xp.zeros_like(g), Status.SUCCESS, num_vjp=0, error_bound=0.0, throw=throw)
+
+    if z0 is None:
+        z = g  # z_1 = J^T 0 + g, no VJP needed
+        rnorm = gnorm
+        status = mon.observe(rnorm)
+    else:
+        same_kind(xp, z0, g, "z0")
+        z = z0
+        status = None
+    while status is None:
+        z_new = op(z) + g
+        rnorm = norm(xp, z_new - z)
+        status = mon.observe(rnorm)
+        if status is Status.NONFINITE:
+            break
+        z = z_new
+
+    bound = None
+    if mu is not None and status is not Status.NONFINITE:
+        bound = mu / (1.0 - mu) * rnorm
+    if z is g or z is z0:
+        z = xp.asarray(z, copy=True)
+    return mon.finish(z, status, num_vjp=op.calls, error_bound=bound, throw=throw)

@@ -1,0 +1,89 @@
+"""Outcomes of a solve as data: the :class:`Status` enum and the :class:`Solution`."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Solution", "Status"]
+
+
+class Status(enum.Enum):
+    """How an iteration ended. The value of each member is a message for users."""
+
+    SUCCESS = "converged"
+    MAX_STEPS = "the maximum number of iterations was reached before the tolerance was met"
+    DIVERGED = "the iteration diverged (its residual grew without bound)"
+    NONFINITE = "a non-finite value (NaN or Inf) appeared"
+    BREAKDOWN = "conjugate-gradient breakdown (zero curvature: I - J^T is singular on the search direction)"
+
+
+@dataclass(frozen=True, eq=False)
+class Solution:
+    """The result of a forward or backward solve.
+
+    Attributes
+    ----------
+    value : array
+        The solution, in the caller's array library, dtype and device. When
+        the solve fails it is the last iterate whose values were all finite,
+        never an array holding NaN.
+    status : Status
+        How the iteration ended.
+    method : str
+        The name of the routine that produced this solution
+        (``"fixed_point"``, ``"neumann_rbp"``, ``"original_rbp"``,
+        ``"cg_rbp"``).
+    num_steps : int
+        Iterations performed.
+    num_vjp : int
+        Calls of the ``vjp`` callback (for :func:`~rbp_core.fixed_point`:
+        calls of ``f``).
+    num_jvp : int
+        Calls of the ``jvp`` callback.
+    residual_norms : tuple of float
+        The norm monitored at each iteration (see each routine for what it
+        is), as Python floats.
+    tolerance : float or None
+        The absolute threshold the monitored norm was compared with; None for
+        methods that run a fixed number of steps.
+    error_bound : float or None
+        Given a contraction bound ``mu`` on the Jacobian's 2-norm, a bound on
+        the 2-norm distance between :attr:`!value` and the exact solution;
+        None when no contraction bound was given or it was shown false.
+    """
+
+    value: Any
+    status: Status
+    method: str
+    num_steps: int
+    num_vjp: int
+    num_jvp: int
+    residual_norms: tuple[float, ...]
+    tolerance: float | None
+    error_bound: float | None
+
+    @property
+    def converged(self) -> bool:
+        """True when :attr:`!status` is :attr:`Status.SUCCESS`."""
+        return self.status is Status.SUCCESS
+
+    def describe(self) -> str:
+        """One line that says what happened, for logs and error messages."""
+        last = f"{self.residual_norms[-1]:.3e}" if self.residual_norms else "n/a"
+        tol = f"{self.tolerance:.3e}" if self.tolerance is not None else "n/a"
+        return (
+            f"{self.method}: {self.status.value} after {self.num_steps} iterations "
+            f"({self.num_vjp} VJP, {self.num_jvp} JVP calls); last residual norm {last}, "
+            f"tolerance {tol}"
+        )
+
+    def __repr__(self) -> str:
+        bound = "None" if self.error_bound is None else f"{self.error_bound:.3e}"
+        return (
+            f"Solution(status={self.status.name}, method={self.method!r}, "
+            f"num_steps={self.num_steps}, num_vjp={self.num_vjp}, num_jvp={self.num_jvp}, "
+            f"error_bound={bound}, value=<{type(self.value).__name__} "
+            f"shape={tuple(getattr(self.value, 'shape', ()))}>)"
+        )

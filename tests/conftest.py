@@ -1,0 +1,198 @@
+"""The backend matrix: every test that takes ``backend`` runs once per array library.
+
+``RBP_BACKENDS`` (comma-separated) selects backends; a requested backend that
+cannot run here is an error. Unset, every backend whose library is installed
+runs, and the GPU backends (cupy, torch-cuda) appear as visible skips when no
+CUDA device exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+# A script for the wheel check of ``nox -s build`` (and test_packaging.py), not a test module.
+collect_ignore = ["packaging_check.py"]
+
+# --- Hypothesis profiles ------------------------------------------------------------------------
+# The backend fixture is immutable for the duration of a test, so sharing it across examples is fine.
+_common = {"suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]}
+settings.register_profile("ci", max_examples=25, derandomize=True, deadline=None, print_blob=True, **_common)
+settings.register_profile("thorough", max_examples=400, deadline=None, print_blob=True, **_common)
+settings.register_profile("dev", max_examples=10, deadline=None, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# --- Backends -----------------------------------------------------------------------------------
+@dataclass
+class Backend:
+    """One array library as the tests see it."""
+
+    name: str
+    xp: Any
+    device: Any = None
+    readonly: bool = False
+    context: Callable[[], contextlib.AbstractContextManager[Any]] = field(default=contextlib.nullcontext)
+
+    def asarray(self, a: Any, dtype: str = "float64") -> Any:
+        """A backend array from a NumPy array (or nested sequence), in ``dtype``."""
+        a = np.asarray(a, dtype=dtype)
+        if self.name.startswith("numpy"):
+            out = np.array(a)
+            if self.readonly:
+                out.flags.writeable = False
+            return out
+        if self.name.startswith("torch"):
+            import torch
+
+            return torch.asarray(a.copy(), device=self.device)
+        if self.name == "cupy":
+            import cupy
+
+            return cupy.asarray(a)
+        return self.xp.asarray(a, dtype=getattr(self.xp, dtype))
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        """A float64 NumPy copy of a backend array."""
+        if self.name.startswith("torch"):
+            return x.detach().cpu().numpy().astype(np.float64)
+        if self.name == "cupy":
+            return x.get().astype(np.float64)
+        return np.asarray(x, dtype=np.float64)
+
+    def dtype(self, name: str) -> Any:
+        return getattr(self.xp, name)
+
+    def matrix_callbacks(self, J: np.ndarray, shape: tuple[int, ...], dtype: str) -> tuple[Callable[..., Any], ...]:
+        """``vjp`` and ``jvp`` for the dense matrix ``J`` acting on the flattened state."""
+        xp = self.xp
+        JT_b = self.asarray(np.ascontiguousarray(J.T), dtype)
+        J_b = self.asarray(J, dtype)
+        n = J.shape[0]
+
+        def vjp(v: Any) -> Any:
+            return xp.reshape(xp.matmul(JT_b, xp.reshape(v, (n,))), shape)
+
+        def jvp(v: Any) -> Any:
+            return xp.reshape(xp.matmul(J_b, xp.reshape(v, (n,))), shape)
+
+        return vjp, jvp
+
+
+def _have(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _cuda_available() -> bool:
+    if _have("cupy"):
+        try:
+            import cupy
+
+            return bool(cupy.cuda.runtime.getDeviceCount() > 0)
+        except Exception:  # noqa: BLE001 - any failure means no usable device
+            return False
+    if _have("torch"):
+        import torch
+
+        return bool(torch.cuda.is_available())
+    return False
+
+
+def _strict_context(extensions: tuple[str, ...] | None) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    def ctx() -> contextlib.AbstractContextManager[Any]:
+        import array_api_strict
+
+        if extensions is None:
+            return contextlib.nullcontext()
+        return array_api_strict.ArrayAPIStrictFlags(enabled_extensions=extensions)
+
+    return ctx
+
+
+def _make(name: str) -> Backend:
+    import array_api_compat
+
+    if name in ("numpy", "numpy-readonly"):
+        return Backend(name, array_api_compat.array_namespace(np.empty(0)), "cpu", readonly=name.endswith("readonly"))
+    if name in ("array-api-strict", "array-api-strict-noext"):
+        import array_api_strict
+
+        return Backend(name, array_api_strict, context=_strict_context(() if name.endswith("noext") else None))
+    if name in ("torch", "torch-cuda"):
+        import torch
+
+        device = torch.device("cuda" if name == "torch-cuda" else "cpu")
+        return Backend(name, array_api_compat.array_namespace(torch.empty(0)), device)
+    if name == "cupy":
+        import cupy
+
+        return Backend(name, array_api_compat.array_namespace(cupy.empty(0)), "cuda")
+    msg = f"unknown backend {name!r}"
+    raise ValueError(msg)
+
+
+ALL = ("numpy", "numpy-readonly", "array-api-strict", "array-api-strict-noext", "torch", "torch-cuda", "cupy")
+GPU = {"torch-cuda", "cupy"}
+REQUIRES = {
+    "numpy": "numpy",
+    "numpy-readonly": "numpy",
+    "array-api-strict": "array_api_strict",
+    "array-api-strict-noext": "array_api_strict",
+    "torch": "torch",
+    "torch-cuda": "torch",
+    "cupy": "cupy",
+}
+
+
+def _selected() -> list[Any]:
+    """pytest params for the backend fixture."""
+    requested = os.environ.get("RBP_BACKENDS", "").strip()
+    cuda = _cuda_available()
+    params = []
+    if requested:
+        names = [n.strip() for n in requested.split(",") if n.strip()]
+        for n in names:
+            if n not in ALL:
+                msg = f"RBP_BACKENDS names unknown backend {n!r}; known: {', '.join(ALL)}"
+                raise pytest.UsageError(msg)
+            if not _have(REQUIRES[n]):
+                msg = f"RBP_BACKENDS requests {n!r} but {REQUIRES[n]} is not installed"
+                raise pytest.UsageError(msg)
+            if n in GPU and not cuda:
+                msg = f"RBP_BACKENDS requests {n!r} but no CUDA device is available"
+                raise pytest.UsageError(msg)
+            params.append(pytest.param(n, id=n, marks=[pytest.mark.gpu] if n in GPU else []))
+        return params
+    for n in ALL:
+        if n in GPU:
+            if cuda and _have(REQUIRES[n]):
+                params.append(pytest.param(n, id=n, marks=pytest.mark.gpu))
+            else:
+                reason = f"{n}: needs a CUDA device and {REQUIRES[n]}; none here"
+                params.append(pytest.param(n, id=n, marks=[pytest.mark.gpu, pytest.mark.skip(reason=reason)]))
+        elif _have(REQUIRES[n]):
+            params.append(pytest.param(n, id=n))
+    return params
+
+
+BACKEND_PARAMS = _selected()
+
+
+@pytest.fixture(params=BACKEND_PARAMS)
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    b = _make(request.param)
+    with b.context():
+        yield b
+
+
+@pytest.fixture(params=["float32", "float64"])
+def dtype(request: pytest.FixtureRequest) -> str:
+    return str(request.param)

@@ -1,0 +1,116 @@
+"""Bad input fails loudly, with messages that name the problem; inputs are never modified."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import rbp_core
+
+SOLVERS = {
+    "neumann": lambda vjp, g, **kw: rbp_core.neumann_rbp(vjp, g, steps=3, **kw),
+    "original": lambda vjp, g, **kw: rbp_core.original_rbp(vjp, g, max_iter=5, **kw),
+    "cg": lambda vjp, g, **kw: rbp_core.cg_rbp(vjp, lambda v: 0.5 * v, g, max_iter=5, **kw),
+}
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS))
+def test_wrong_shape_names_callback_and_shapes(backend, solver) -> None:
+    g = backend.asarray(np.ones((2, 3)))
+    xp = backend.xp
+    with pytest.raises(ValueError, match=r"vjp returned an array of shape \(6,\); expected shape \(2, 3\)"):
+        SOLVERS[solver](lambda v: xp.reshape(v, (6,)), g)
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS))
+def test_wrong_dtype(backend, solver) -> None:
+    g = backend.asarray(np.ones(3), "float64")
+    xp = backend.xp
+    with pytest.raises(TypeError, match=r"vjp returned dtype .*float32.*expected .*float64"):
+        SOLVERS[solver](lambda v: xp.astype(v, xp.float32), g)
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS))
+def test_wrong_library(backend, solver) -> None:
+    if backend.name.startswith("numpy"):
+        pytest.skip("the wrong library for a NumPy state is tested with a list below")
+    g = backend.asarray(np.ones(3))
+    with pytest.raises(TypeError, match=r"vjp returned a numpy\.ndarray; expected an array of the same library"):
+        SOLVERS[solver](lambda v: np.ones(3), g)
+
+
+def test_list_returned_for_numpy_state() -> None:
+    with pytest.raises(TypeError, match=r"vjp returned a builtins\.list"):
+        rbp_core.neumann_rbp(lambda v: [0.0, 0.0], np.ones(2), steps=1)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "pattern"),
+    [
+        (lambda g: rbp_core.neumann_rbp(lambda v: v, g, steps=-1), ValueError, "steps must be >= 0, got -1"),
+        (lambda g: rbp_core.neumann_rbp(lambda v: v, g, steps=2.5), TypeError, "steps must be an integer"),
+        (lambda g: rbp_core.neumann_rbp(lambda v: v, g, steps=True), TypeError, "steps must be an integer"),
+        (lambda g: rbp_core.original_rbp(lambda v: v, g, tol=-1e-3), ValueError, "tol must be finite and >= 0"),
+        (lambda g: rbp_core.original_rbp(lambda v: v, g, max_iter=0), ValueError, "max_iter must be >= 1, got 0"),
+        (lambda g: rbp_core.cg_rbp(lambda v: v, lambda v: v, g, tol=float("nan")), ValueError, "tol must be finite"),
+        (lambda g: rbp_core.neumann_rbp(lambda v: v, g, steps=1, contraction=1.0), ValueError, r"\[0, 1\)"),
+        (lambda g: rbp_core.neumann_rbp(lambda v: v, g, steps=1, contraction=-0.1), ValueError, r"\[0, 1\)"),
+        (lambda g: rbp_core.fixed_point(lambda v: v, g, damping=0.0), ValueError, r"damping must lie in \(0, 1\]"),
+        (lambda g: rbp_core.original_rbp(lambda v: v, g, divergence_factor=0.5), ValueError, "divergence_factor"),
+        (lambda g: rbp_core.neumann_rbp(None, g, steps=1), TypeError, "vjp must be callable"),
+    ],
+)
+def test_bad_options(backend, call, error, pattern) -> None:
+    with pytest.raises(error, match=pattern):
+        call(backend.asarray(np.ones(2)))
+
+
+def test_integer_state_is_refused() -> None:
+    with pytest.raises(TypeError, match="g must have a real floating dtype"):
+        rbp_core.neumann_rbp(lambda v: v, np.ones(2, dtype=np.int64), steps=1)
+
+
+def test_non_array_is_refused() -> None:
+    with pytest.raises(TypeError, match="g must be an array"):
+        rbp_core.neumann_rbp(lambda v: v, [1.0, 2.0], steps=1)
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS))
+def test_nonfinite_rhs(backend, solver) -> None:
+    g = backend.asarray([1.0, np.inf])
+    with pytest.raises(rbp_core.ConvergenceError, match="non-finite") as info:
+        SOLVERS[solver](lambda v: 0.5 * v, g)
+    assert info.value.status is rbp_core.Status.NONFINITE
+    sol = SOLVERS[solver](lambda v: 0.5 * v, g, throw=False)
+    assert sol.status is rbp_core.Status.NONFINITE
+    assert np.all(np.isfinite(backend.to_numpy(sol.value)))
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS))
+def test_inputs_never_modified_and_dtype_device_kept(backend, dtype, solver) -> None:
+    g_np = np.linspace(-1, 1, 6).reshape(2, 3)
+    g = backend.asarray(g_np, dtype)
+    sol = SOLVERS[solver](lambda v: 0.5 * v, g, throw=False)
+    np.testing.assert_array_equal(backend.to_numpy(g), g_np.astype(dtype))
+    assert sol.value.dtype == g.dtype
+    assert sol.value.shape == g.shape
+    import array_api_compat
+
+    assert array_api_compat.device(sol.value) == array_api_compat.device(g)
+    assert array_api_compat.array_namespace(sol.value) is array_api_compat.array_namespace(g)
+
+
+def test_warm_start_of_wrong_shape(backend) -> None:
+    g = backend.asarray(np.ones(3))
+    with pytest.raises(ValueError, match=r"z0 is an array of shape \(2,\); expected shape \(3,\)"):
+        rbp_core.original_rbp(lambda v: v, g, z0=backend.asarray(np.ones(2)))
+
+
+def test_norm_survives_overflow_and_underflow(backend) -> None:
+    from rbp_core._arrays import norm
+
+    big = backend.asarray(np.full(4, 1e30), "float32")  # sum of squares overflows float32
+    assert norm(backend.xp, big) == pytest.approx(2e30, rel=1e-6)
+    tiny = backend.asarray(np.full(4, 1e-200), "float64")  # squares underflow to zero
+    assert norm(backend.xp, tiny) == pytest.approx(2e-200, rel=1e-12)
+    assert np.isnan(norm(backend.xp, backend.asarray([np.nan, 1.0])))
