@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from ._arrays import Array, CheckedCallback, check_contraction, check_int, namespace_of, norm, same_kind
+from ._arrays import Array, CheckedCallback, check_contraction, check_int, eps, namespace_of, norm, same_kind
 from ._defaults import DEFAULT_MAX_ITER, resolve_tol
 from ._monitor import Monitor
 from ._solution import Solution, Status
@@ -52,7 +52,9 @@ def cg_rbp(
         A bound ``mu < 1`` on ``||J||_2``. At the end the residual of the
         returned value is evaluated afresh (one more VJP, so that rounding in
         the updated residual cannot make the bound optimistic) and
-        ``error_bound = ||r|| / (1 - mu)``.
+        ``error_bound = ||r|| / (1 - mu)``. The norms ``||J r_0||/||r_0||`` and
+        ``||J^T z||/||z||`` seen on the way are checked against ``mu``; a
+        larger one raises :class:`~rbp_core.ContractionViolation`.
     throw : bool
         Raise :class:`~rbp_core.ConvergenceError` unless the solve converged.
 
@@ -79,7 +81,16 @@ def cg_rbp(
     op = CheckedCallback(vjp, "vjp", g, xp)
     op_t = CheckedCallback(jvp, "jvp", g, xp)
     gnorm = norm(xp, g)
-    mon = Monitor("cg_rbp", max_iter=max_iter, threshold=tol * gnorm)
+    root_eps = math.sqrt(eps(xp, g.dtype))
+    mon = Monitor(
+        "cg_rbp",
+        max_iter=max_iter,
+        threshold=tol * gnorm,
+        ratio_bound=mu,
+        successive_images=False,
+        slack=root_eps * gnorm / (1.0 - (mu or 0.0)),
+        rel_slack=root_eps,
+    )
     if not math.isfinite(gnorm):
         mon.history.append(gnorm)
         return mon.finish(xp.zeros_like(g), Status.NONFINITE, num_vjp=0, throw=throw)
@@ -102,6 +113,8 @@ def cg_rbp(
         s = r - op_t(r)  # A^T r
         gamma = xp.sum(s * s)
         p = s
+        if mu is not None:  # J r = r - s: one more lower bound on ||J|| = ||J^T||
+            mon.check_ratio(norm(xp, r - s), rnorm)
     while status is None:
         q = p - op(p)  # A p
         delta = float(xp.sum(q * q))
@@ -130,7 +143,9 @@ def cg_rbp(
     assert status is not None  # the loop only ends with a status
     bound = None
     if mu is not None and status is not Status.NONFINITE:
-        bound = norm(xp, g - z + op(z)) / (1.0 - mu)
+        jz = op(z)
+        bound = norm(xp, g - z + jz) / (1.0 - mu)
+        mon.check_ratio(norm(xp, jz), norm(xp, z))
     if z is z0:
         z = xp.asarray(z, copy=True)
     return mon.finish(z, status, num_vjp=op.calls, num_jvp=op_t.calls, error_bound=bound, throw=throw)

@@ -105,7 +105,7 @@ def fixed_point(
     )
     if not math.isfinite(hnorm):
         mon.history.append(hnorm)
-        return mon.finish(xp.asarray(h0, copy=True), Status.NONFINITE, num_vjp=0, throw=throw)
+        return mon.finish(xp.zeros_like(h0), Status.NONFINITE, num_vjp=0, throw=throw)
 
     h = h0
     dnorm = math.inf

@@ -64,15 +64,17 @@ class Neumann:
     --------
     >>> import rbp_core
     >>> rbp_core.Neumann(steps=20)
-    Neumann(steps=20)
+    Neumann(steps=20, divergence_factor=10000.0)
     """
 
     steps: int
+    divergence_factor: float | None = DEFAULT_DIVERGENCE_FACTOR
     needs_jvp: ClassVar[bool] = False
     supports_warm_start: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_int(self.steps, "steps", 0)
+        check_divergence_factor(self.divergence_factor)
 
     def solve(
         self,
@@ -88,7 +90,14 @@ class Neumann:
         if z0 is not None:
             msg = "Neumann does not take a warm start z0: the series always starts from g"
             raise ValueError(msg)
-        return neumann_rbp(vjp, g, steps=self.steps, contraction=contraction, throw=throw)
+        return neumann_rbp(
+            vjp,
+            g,
+            steps=self.steps,
+            contraction=contraction,
+            divergence_factor=self.divergence_factor,
+            throw=throw,
+        )
 
 
 @dataclass(frozen=True)

@@ -33,11 +33,16 @@ class Monitor:
         ``DIVERGED`` when the norm exceeds this factor times the smallest norm
         seen so far.
     ratio_bound : float or None
-        The contraction the user claims for the map whose powers produce
-        consecutive monitored vectors. A ratio of consecutive norms above it
-        (beyond rounding, ``slack``) disproves the claim.
-    slack : float
-        Absolute rounding allowance for that check.
+        The contraction the user claims. A pair ``(||M v||, ||v||)`` with a
+        ratio above it (beyond rounding) disproves the claim; solvers report
+        such pairs through :meth:`check_ratio`.
+    successive_images : bool
+        Whether each monitored vector is the image of the previous one under
+        the map (true of the fixed-point, original-RBP and Neumann
+        iterations, not of CG residuals); then :meth:`observe` checks every
+        ratio of consecutive norms.
+    slack, rel_slack : float
+        Absolute and relative rounding allowances for that check.
     """
 
     def __init__(
@@ -48,6 +53,7 @@ class Monitor:
         threshold: float | None,
         divergence_factor: float | None = None,
         ratio_bound: float | None = None,
+        successive_images: bool = True,
         slack: float = 0.0,
         rel_slack: float = 0.0,
     ) -> None:
@@ -56,6 +62,7 @@ class Monitor:
         self.threshold = threshold
         self.divergence_factor = divergence_factor
         self.ratio_bound = ratio_bound
+        self.successive_images = successive_images
         self.slack = slack
         self.rel_slack = rel_slack
         self.history: list[float] = []
@@ -79,11 +86,8 @@ class Monitor:
         self.history.append(r)
         if not math.isfinite(r):
             return Status.NONFINITE
-        if prev is not None and prev > 0.0:
-            ratio = r / prev
-            self.observed_ratio = max(self.observed_ratio, ratio)
-            if self.ratio_bound is not None and r > self.ratio_bound * prev * (1.0 + self.rel_slack) + self.slack:
-                self.violated = True
+        if prev is not None and self.successive_images:
+            self.check_ratio(r, prev)
         if self.threshold is not None and r <= self.threshold:
             return Status.SUCCESS
         if self.divergence_factor is not None and r > self.divergence_factor * self.best:
@@ -92,6 +96,14 @@ class Monitor:
         if len(self.history) >= self.max_iter:
             return Status.SUCCESS if self.threshold is None else Status.MAX_STEPS
         return None
+
+    def check_ratio(self, image_norm: float, vector_norm: float) -> None:
+        """Check ``||J^T v|| <= mu ||v||`` (or with ``J``) for one pair seen outside :meth:`observe`."""
+        if self.ratio_bound is None or not (vector_norm > 0.0 and math.isfinite(image_norm)):
+            return
+        self.observed_ratio = max(self.observed_ratio, image_norm / vector_norm)
+        if image_norm > self.ratio_bound * vector_norm * (1.0 + self.rel_slack) + self.slack:
+            self.violated = True
 
     def finish(
         self,

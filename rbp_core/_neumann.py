@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 
 from ._arrays import Array, CheckedCallback, check_contraction, check_int, eps, namespace_of, norm
+from ._defaults import DEFAULT_DIVERGENCE_FACTOR, check_divergence_factor
 from ._monitor import Monitor
 from ._solution import Solution, Status
 
@@ -18,6 +19,7 @@ def neumann_rbp(
     *,
     steps: int,
     contraction: float | None = None,
+    divergence_factor: float | None = DEFAULT_DIVERGENCE_FACTOR,
     throw: bool = True,
 ) -> Solution:
     r"""Sum ``steps + 1`` terms of the Neumann series :math:`\sum_t (J^T)^t g`.
@@ -44,16 +46,22 @@ def neumann_rbp(
         truncation error ``||z_K - z*||``. A ratio ``||v_t|| / ||v_{t-1}||``
         above ``mu`` disproves the bound and raises
         :class:`~rbp_core.ContractionViolation`.
+    divergence_factor : float or None
+        Status ``DIVERGED`` as soon as a term's norm ``||v_t||`` exceeds this
+        factor times the smallest term norm so far (``||g||`` included): the
+        series then diverges (spectral radius of ``J`` above 1) and its partial
+        sum is no gradient. None turns the test off and returns any partial sum.
     throw : bool
-        Raise :class:`~rbp_core.ConvergenceError` when a non-finite value
-        appears (default); otherwise return the failed Solution, whose value is
-        the last finite partial sum.
+        Raise :class:`~rbp_core.ConvergenceError` when the series diverges or a
+        non-finite value appears (default); otherwise return the failed
+        Solution, whose value is the last finite partial sum.
 
     Returns
     -------
     Solution
         ``residual_norms`` holds ``||v_t||`` for ``t = 1..K``; ``status`` is
-        ``SUCCESS`` once the ``K`` steps are done with finite values.
+        ``SUCCESS`` once the ``K`` steps are done with finite values and no
+        sign of divergence.
 
     Examples
     --------
@@ -69,6 +77,7 @@ def neumann_rbp(
     xp = namespace_of(g, "g")
     steps = check_int(steps, "steps", 0)
     mu = check_contraction(contraction)
+    divergence_factor = check_divergence_factor(divergence_factor)
     op = CheckedCallback(vjp, "vjp", g, xp)
     gnorm = norm(xp, g)
     root_eps = math.sqrt(eps(xp, g.dtype))
@@ -76,6 +85,7 @@ def neumann_rbp(
         "neumann_rbp",
         max_iter=steps,
         threshold=None,
+        divergence_factor=divergence_factor,
         ratio_bound=mu,
         slack=root_eps * gnorm,
         rel_slack=root_eps,
@@ -84,6 +94,7 @@ def neumann_rbp(
         mon.history.append(gnorm)
         return mon.finish(xp.zeros_like(g), Status.NONFINITE, num_vjp=0, throw=throw)
 
+    mon.best = gnorm  # the zeroth term counts for the divergence test
     z = g
     v = g
     vnorm = gnorm
@@ -97,6 +108,7 @@ def neumann_rbp(
             break
         z = z + v
         if done is not None:
+            status = done
             break
 
     bound = None

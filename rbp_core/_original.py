@@ -90,7 +90,8 @@ def original_rbp(
         mon.history.append(gnorm)
         return mon.finish(xp.zeros_like(g), Status.NONFINITE, num_vjp=0, throw=throw)
     if gnorm == 0.0:
-        return mon.finish(xp.zeros_like(g), Status.SUCCESS, num_vjp=0, error_bound=0.0, throw=throw)
+        bound0 = None if mu is None else 0.0
+        return mon.finish(xp.zeros_like(g), Status.SUCCESS, num_vjp=0, error_bound=bound0, throw=throw)
 
     if z0 is None:
         z = g  # z_1 = J^T 0 + g, no VJP needed

@@ -27,8 +27,9 @@ class Solution:
     ----------
     value : array
         The solution, in the caller's array library, dtype and device. When
-        the solve fails it is the last iterate whose values were all finite,
-        never an array holding NaN.
+        the solve fails it is the last iterate whose values were all finite
+        (zeros when the input itself was not finite), never an array holding
+        NaN.
     status : Status
         How the iteration ended.
     method : str
@@ -73,10 +74,14 @@ class Solution:
         """One line that says what happened, for logs and error messages."""
         last = f"{self.residual_norms[-1]:.3e}" if self.residual_norms else "n/a"
         tol = f"{self.tolerance:.3e}" if self.tolerance is not None else "n/a"
+        calls = (
+            f"{self.num_vjp} calls of f"
+            if self.method == "fixed_point"
+            else f"{self.num_vjp} VJP, {self.num_jvp} JVP calls"
+        )
         return (
-            f"{self.method}: {self.status.value} after {self.num_steps} iterations "
-            f"({self.num_vjp} VJP, {self.num_jvp} JVP calls); last residual norm {last}, "
-            f"tolerance {tol}"
+            f"{self.method}: {self.status.value} after {self.num_steps} iterations ({calls}); "
+            f"last residual norm {last}, tolerance {tol}"
         )
 
     def __repr__(self) -> str:

@@ -65,5 +65,9 @@ def test_divergent_map_is_reported(backend) -> None:
 
 
 def test_nonfinite_start(backend) -> None:
+    h0 = backend.asarray([np.nan, 1.0])
     with pytest.raises(rbp_core.ConvergenceError, match="non-finite"):
-        rbp_core.fixed_point(lambda h: h, backend.asarray([np.nan, 1.0]))
+        rbp_core.fixed_point(lambda h: h, h0)
+    sol = rbp_core.fixed_point(lambda h: h, h0, throw=False)
+    assert sol.status is Status.NONFINITE
+    assert np.all(np.isfinite(backend.to_numpy(sol.value)))

@@ -29,7 +29,9 @@ def test_neumann_matches_partial_sum_and_bounds(backend, dtype, problem: Problem
 
     mu, gn = problem.mu, norm(g)
     scale = gn / (1 - mu)
-    slack = rounding(problem.n, steps, dtype, scale)
+    # Rounding of the solver in dtype, plus that of the float64 oracle (condition number
+    # of I - J^T at most (1 + mu) / (1 - mu)).
+    slack = rounding(problem.n, steps, dtype, scale) + rounding(problem.n, 0, "float64", scale * (1 + mu) / (1 - mu))
     z = backend.to_numpy(sol.value)
     assert sol.converged
     assert sol.num_vjp == steps
@@ -75,6 +77,22 @@ def test_spectral_radius_above_one_is_a_plain_truncated_series(backend) -> None:
     sol = rbp_core.neumann_rbp(vjp, backend.asarray(np.ones(2)), steps=5)
     np.testing.assert_allclose(backend.to_numpy(sol.value), partial_sum(J, np.ones(2), 5))
     assert sol.error_bound is None
+
+
+def test_divergent_series_is_loud(backend) -> None:
+    J = np.array([[1.5, 0.0], [0.0, 0.2]])
+    vjp, _ = backend.matrix_callbacks(J, (2,), "float64")
+    g = backend.asarray(np.ones(2))
+    with pytest.raises(rbp_core.ConvergenceError, match="diverged") as info:
+        rbp_core.neumann_rbp(vjp, g, steps=40)
+    sol = info.value.solution
+    assert sol.status is rbp_core.Status.DIVERGED
+    # ||v_t|| ~ 1.5^t exceeds 1e4 * min(||g||, ...) = 1e4 * sqrt(2) first at t = 24.
+    assert sol.num_vjp == 24
+    # Turned off, the partial sum is returned as it is.
+    sol = rbp_core.neumann_rbp(vjp, g, steps=40, divergence_factor=None)
+    assert sol.converged
+    np.testing.assert_allclose(backend.to_numpy(sol.value), partial_sum(J, np.ones(2), 40))
 
 
 def test_nan_during_iteration_is_loud(backend) -> None:
