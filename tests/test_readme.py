@@ -1,0 +1,24 @@
+"""The README's quick start runs and its solves succeed."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def test_quick_start_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    if not README.exists():  # an installed copy of the tests without the source tree
+        pytest.skip("README.md is not next to the tests")
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
+    assert blocks, "the README has no Python quick start"
+    exec(compile(blocks[0], str(README), "exec"), {})  # noqa: S102 - our own README
+    out = capsys.readouterr().out.split("\n")
+    assert [line.split()[:2] for line in out if line] == [
+        ["neumann_rbp", "SUCCESS"],
+        ["original_rbp", "SUCCESS"],
+        ["cg_rbp", "SUCCESS"],
+    ]
