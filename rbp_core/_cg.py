@@ -5,7 +5,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from ._arrays import Array, CheckedCallback, check_contraction, check_int, eps, namespace_of, norm, same_kind
+from ._arrays import (
+    Array,
+    CheckedCallback,
+    check_contraction,
+    check_int,
+    eps,
+    namespace_of,
+    norm,
+    same_kind,
+    sqnorm,
+)
 from ._defaults import DEFAULT_MAX_ITER, resolve_tol
 from ._monitor import Monitor
 from ._solution import Solution, Status
@@ -111,13 +121,13 @@ def cg_rbp(
     status: Status | None = Status.SUCCESS if rnorm <= tol * gnorm else None
     if status is None:
         s = r - op_t(r)  # A^T r
-        gamma = xp.sum(s * s)
+        gamma = sqnorm(xp, s)
         p = s
         if mu is not None:  # J r = r - s: one more lower bound on ||J|| = ||J^T||
             mon.check_ratio(norm(xp, r - s), rnorm)
     while status is None:
         q = p - op(p)  # A p
-        delta = float(xp.sum(q * q))
+        delta = norm(xp, q) ** 2
         if not math.isfinite(delta):
             status = mon.observe(math.nan)
             break
@@ -136,7 +146,7 @@ def cg_rbp(
         if status is not None:
             break
         s = r - op_t(r)
-        gamma_new = xp.sum(s * s)
+        gamma_new = sqnorm(xp, s)
         p = s + (gamma_new / gamma) * p
         gamma = gamma_new
 

@@ -86,7 +86,7 @@ class Monitor:
         self.history.append(r)
         if not math.isfinite(r):
             return Status.NONFINITE
-        if prev is not None and self.successive_images:
+        if prev is not None and self.successive_images and self.ratio_bound is not None:
             self.check_ratio(r, prev)
         if self.threshold is not None and r <= self.threshold:
             return Status.SUCCESS

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -110,7 +112,10 @@ def test_norm_survives_overflow_and_underflow(backend) -> None:
     from rbp_core._arrays import norm
 
     big = backend.asarray(np.full(4, 1e30), "float32")  # sum of squares overflows float32
-    assert norm(backend.xp, big) == pytest.approx(2e30, rel=1e-6)
+    with warnings.catch_warnings():
+        # NumPy may report the fast path's overflow (documented in norm); the value must be right.
+        warnings.filterwarnings("ignore", "overflow encountered", RuntimeWarning)
+        assert norm(backend.xp, big) == pytest.approx(2e30, rel=1e-6)
     tiny = backend.asarray(np.full(4, 1e-200), "float64")  # squares underflow to zero
     assert norm(backend.xp, tiny) == pytest.approx(2e-200, rel=1e-12)
     assert np.isnan(norm(backend.xp, backend.asarray([np.nan, 1.0])))
