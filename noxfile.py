@@ -21,10 +21,11 @@ CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))
 TEST_DEPS = ("pytest>=8", "hypothesis>=6.100", "numpy>=1.26", "scipy>=1.11", "array-api-strict>=2.3")
 
 # Backend sets the suite runs against. "core" has no torch installed at all, which also proves that
-# rbp_core works without any framework; "torch" adds PyTorch on the CPU (and CUDA where present).
+# rbp_core works without any framework; "torch" adds PyTorch on the CPU, and CUDA torch and CuPy
+# where a GPU exists (elsewhere they show as skipped, with the reason).
 BACKEND_SETS = {
     "core": ("numpy,numpy-readonly,array-api-strict,array-api-strict-noext", ()),
-    "torch": ("torch", ("torch",)),
+    "torch": ("torch,torch-cuda?,cupy?", ("torch",)),
 }
 
 

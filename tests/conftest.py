@@ -1,9 +1,10 @@
 """The backend matrix: every test that takes ``backend`` runs once per array library.
 
 ``RBP_BACKENDS`` (comma-separated) selects backends; a requested backend that
-cannot run here is an error. Unset, every backend whose library is installed
-runs, and the GPU backends (cupy, torch-cuda) appear as visible skips when no
-CUDA device exists.
+cannot run here is an error. A name ending in ``?`` (``cupy?``) is optional:
+it runs where it can and shows as a skip with its reason where it cannot. Unset,
+every backend whose library is installed runs, and the GPU backends (cupy,
+torch-cuda) appear as visible skips when no CUDA device exists.
 """
 
 from __future__ import annotations
@@ -159,15 +160,23 @@ def _selected() -> list[Any]:
     params = []
     if requested:
         names = [n.strip() for n in requested.split(",") if n.strip()]
-        for n in names:
+        for name in names:
+            n = name.rstrip("?")
+            optional = name.endswith("?")
             if n not in ALL:
                 msg = f"RBP_BACKENDS names unknown backend {n!r}; known: {', '.join(ALL)}"
                 raise pytest.UsageError(msg)
+            missing = None
             if not _have(REQUIRES[n]):
-                msg = f"RBP_BACKENDS requests {n!r} but {REQUIRES[n]} is not installed"
-                raise pytest.UsageError(msg)
-            if n in GPU and not cuda:
-                msg = f"RBP_BACKENDS requests {n!r} but no CUDA device is available"
+                missing = f"{REQUIRES[n]} is not installed"
+            elif n in GPU and not cuda:
+                missing = "no CUDA device is available"
+            if missing is not None and optional:
+                reason = f"{n}: {missing}"
+                params.append(pytest.param(n, id=n, marks=[pytest.mark.gpu, pytest.mark.skip(reason=reason)]))
+                continue
+            if missing is not None:
+                msg = f"RBP_BACKENDS requests {n!r} but {missing}"
                 raise pytest.UsageError(msg)
             params.append(pytest.param(n, id=n, marks=[pytest.mark.gpu] if n in GPU else []))
         return params
