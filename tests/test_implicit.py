@@ -118,3 +118,15 @@ def test_implicit_gradient_of_nonlinear_map_matches_finite_differences(backend) 
         assert float(res.gradient) == pytest.approx(fd, rel=1e-7)
         assert res.backward.error_bound is not None
         assert res.backward.error_bound < 1e-9
+
+
+@pytest.mark.parametrize(
+    "method", [rbp_core.Neumann(steps=60), rbp_core.OriginalRBP(tol=1e-12), rbp_core.CGRBP(tol=1e-12)]
+)
+def test_scalar_state(backend, method) -> None:
+    """A 0-d state is a state like any other (a scalar iteration's gradient was zero in a peer)."""
+    g = backend.asarray(np.asarray(2.0))
+    grad, sol = rbp_core.implicit_backward(lambda v: 0.5 * v, lambda z: 3.0 * z, g, method, jvp_state=lambda v: 0.5 * v)
+    assert sol.converged
+    assert sol.value.shape == ()
+    assert float(backend.to_numpy(grad)) == pytest.approx(3.0 * 2.0 / (1 - 0.5), rel=1e-10)
