@@ -10,14 +10,13 @@ from ._arrays import (
     CheckedCallback,
     check_contraction,
     check_int,
-    eps,
     namespace_of,
     norm,
     same_kind,
     sqnorm,
 )
 from ._defaults import DEFAULT_MAX_ITER, resolve_tol
-from ._monitor import Monitor
+from ._monitor import adjoint_monitor, nonfinite_input
 from ._solution import Solution, Status
 
 __all__ = ["cg_rbp"]
@@ -91,19 +90,11 @@ def cg_rbp(
     op = CheckedCallback(vjp, "vjp", g, xp)
     op_t = CheckedCallback(jvp, "jvp", g, xp)
     gnorm = norm(xp, g)
-    root_eps = math.sqrt(eps(xp, g.dtype))
-    mon = Monitor(
-        "cg_rbp",
-        max_iter=max_iter,
-        threshold=tol * gnorm,
-        ratio_bound=mu,
-        successive_images=False,
-        slack=root_eps * gnorm / (1.0 - (mu or 0.0)),
-        rel_slack=root_eps,
+    mon = adjoint_monitor(
+        "cg_rbp", xp, g, gnorm, max_iter=max_iter, threshold=tol * gnorm, contraction=mu, successive_images=False
     )
     if not math.isfinite(gnorm):
-        mon.history.append(gnorm)
-        return mon.finish(xp.zeros_like(g), Status.NONFINITE, num_vjp=0, throw=throw)
+        return nonfinite_input(mon, xp, g, gnorm, throw=throw)
 
     if z0 is None:
         z = xp.zeros_like(g)

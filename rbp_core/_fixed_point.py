@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from ._arrays import Array, CheckedCallback, check_contraction, check_int, check_nonnegative, eps, namespace_of, norm
 from ._defaults import DEFAULT_DIVERGENCE_FACTOR, DEFAULT_MAX_ITER, check_divergence_factor, resolve_tol
-from ._monitor import Monitor
+from ._monitor import Monitor, nonfinite_input
 from ._solution import Solution, Status
 
 __all__ = ["fixed_point"]
@@ -104,8 +104,7 @@ def fixed_point(
         rel_slack=root_eps,
     )
     if not math.isfinite(hnorm):
-        mon.history.append(hnorm)
-        return mon.finish(xp.zeros_like(h0), Status.NONFINITE, num_vjp=0, throw=throw)
+        return nonfinite_input(mon, xp, h0, hnorm, throw=throw)
 
     h = h0
     dnorm = math.inf

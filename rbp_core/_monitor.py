@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ._arrays import Array, eps
 from ._errors import ContractionViolation, ConvergenceError
 from ._solution import Solution, Status
 
-__all__ = ["Monitor"]
+__all__ = ["Monitor", "adjoint_monitor"]
 
 
 class Monitor:
@@ -139,3 +140,39 @@ class Monitor:
         if throw and not solution.converged:
             raise ConvergenceError(solution)
         return solution
+
+
+def adjoint_monitor(
+    method: str,
+    xp: Any,
+    g: Array,
+    gnorm: float,
+    *,
+    max_iter: int,
+    threshold: float | None,
+    contraction: float | None,
+    divergence_factor: float | None = None,
+    successive_images: bool = True,
+) -> Monitor:
+    """The Monitor of a solve of ``(I - J^T) z = g``.
+
+    The rounding allowance of the contraction check is ``sqrt(eps) ||g|| / (1 - mu)``, since
+    every vector such a solve applies ``J^T`` to has a norm of at most ``||g|| / (1 - mu)``.
+    """
+    root_eps = math.sqrt(eps(xp, g.dtype))
+    return Monitor(
+        method,
+        max_iter=max_iter,
+        threshold=threshold,
+        divergence_factor=divergence_factor,
+        ratio_bound=contraction,
+        successive_images=successive_images,
+        slack=root_eps * gnorm / (1.0 - (contraction or 0.0)),
+        rel_slack=root_eps,
+    )
+
+
+def nonfinite_input(mon: Monitor, xp: Any, like: Array, input_norm: float, *, throw: bool) -> Solution:
+    """The outcome of a solve whose input (``g`` or ``h0``) is not finite: zeros, status NONFINITE."""
+    mon.history.append(input_norm)
+    return mon.finish(xp.zeros_like(like), Status.NONFINITE, num_vjp=0, throw=throw)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from ._arrays import Array, CheckedCallback, check_contraction, check_int, eps, namespace_of, norm
+from ._arrays import Array, CheckedCallback, check_contraction, check_int, namespace_of, norm
 from ._defaults import DEFAULT_DIVERGENCE_FACTOR, check_divergence_factor
-from ._monitor import Monitor
+from ._monitor import adjoint_monitor, nonfinite_input
 from ._solution import Solution, Status
 
 __all__ = ["neumann_rbp"]
@@ -80,19 +80,18 @@ def neumann_rbp(
     divergence_factor = check_divergence_factor(divergence_factor)
     op = CheckedCallback(vjp, "vjp", g, xp)
     gnorm = norm(xp, g)
-    root_eps = math.sqrt(eps(xp, g.dtype))
-    mon = Monitor(
+    mon = adjoint_monitor(
         "neumann_rbp",
+        xp,
+        g,
+        gnorm,
         max_iter=steps,
         threshold=None,
+        contraction=mu,
         divergence_factor=divergence_factor,
-        ratio_bound=mu,
-        slack=root_eps * gnorm,
-        rel_slack=root_eps,
     )
     if not math.isfinite(gnorm):
-        mon.history.append(gnorm)
-        return mon.finish(xp.zeros_like(g), Status.NONFINITE, num_vjp=0, throw=throw)
+        return nonfinite_input(mon, xp, g, gnorm, throw=throw)
 
     mon.best = gnorm  # the zeroth term counts for the divergence test
     z = g

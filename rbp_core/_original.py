@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from ._arrays import Array, CheckedCallback, check_contraction, check_int, eps, namespace_of, norm, same_kind
+from ._arrays import Array, CheckedCallback, check_contraction, check_int, namespace_of, norm, same_kind
 from ._defaults import DEFAULT_DIVERGENCE_FACTOR, DEFAULT_MAX_ITER, check_divergence_factor, resolve_tol
-from ._monitor import Monitor
+from ._monitor import adjoint_monitor, nonfinite_input
 from ._solution import Solution, Status
 
 __all__ = ["original_rbp"]
@@ -76,19 +76,18 @@ def original_rbp(
     divergence_factor = check_divergence_factor(divergence_factor)
     op = CheckedCallback(vjp, "vjp", g, xp)
     gnorm = norm(xp, g)
-    root_eps = math.sqrt(eps(xp, g.dtype))
-    mon = Monitor(
+    mon = adjoint_monitor(
         "original_rbp",
+        xp,
+        g,
+        gnorm,
         max_iter=max_iter,
         threshold=tol * gnorm,
+        contraction=mu,
         divergence_factor=divergence_factor,
-        ratio_bound=mu,
-        slack=root_eps * gnorm / (1.0 - (mu or 0.0)),
-        rel_slack=root_eps,
     )
     if not math.isfinite(gnorm):
-        mon.history.append(gnorm)
-        return mon.finish(xp.zeros_like(g), Status.NONFINITE, num_vjp=0, throw=throw)
+        return nonfinite_input(mon, xp, g, gnorm, throw=throw)
     if gnorm == 0.0:
         bound0 = None if mu is None else 0.0
         return mon.finish(xp.zeros_like(g), Status.SUCCESS, num_vjp=0, error_bound=bound0, throw=throw)
