@@ -1,6 +1,11 @@
-"""Collection rules for the doctests of optional adapters (tests/conftest.py holds the backend matrix)."""
+"""Collection rules for doctests that need an optional library (tests/conftest.py holds the backend matrix)."""
 
 import importlib.util
 
-# An adapter's module imports its library; without the library there is nothing to doctest.
-collect_ignore = [f"backends/{name}.py" for name in ("torch", "cupy") if importlib.util.find_spec(name) is None]
+# An adapter's module and its documentation page import the library; without it there is nothing to run.
+collect_ignore = [
+    path
+    for name, paths in {"torch": ("backends/torch.py", "docs/torch.md"), "cupy": ("backends/cupy.py",)}.items()
+    if importlib.util.find_spec(name) is None
+    for path in paths
+]

@@ -67,7 +67,7 @@ def typecheck(session: nox.Session) -> None:
 @nox.session
 def docs(session: nox.Session) -> None:
     """Build the Sphinx site with warnings as errors (-W -n)."""
-    _install(session, "-e", ".", "sphinx>=7", "myst-parser>=3", "numpydoc>=1.7", "numpy>=1.26", "scipy>=1.11")
+    _install(session, "-e", ".", "sphinx>=7", "myst-parser>=3", "numpydoc>=1.7", "numpy>=1.26", "scipy>=1.11", "torch")
     out = ROOT / "docs" / "_build" / "html"
     shutil.rmtree(out, ignore_errors=True)
     session.run("sphinx-build", "-W", "-n", "--keep-going", "-b", "html", "docs", str(out))

@@ -22,7 +22,7 @@ from typing import Any, Literal, TypeAlias, cast
 
 import torch
 
-from rbp_core import BackwardMethod, ConvergenceError, FixedPointIteration, Solution, Status
+from rbp_core import BackwardMethod, ContractionViolation, ConvergenceError, FixedPointIteration, Solution, Status
 
 __all__ = [
     "BPTT",
@@ -200,7 +200,9 @@ def fixed_point(
         ``DIVERGED``, ``BREAKDOWN``) does: warn with
         :class:`BackwardFailureWarning` naming the method, the residual and
         the tolerance (default), raise :class:`rbp_core.ConvergenceError`, or
-        nothing. Non-finite values always raise.
+        nothing. The same choice applies to a ``contraction`` that the backward
+        iteration disproves (warn, raise :class:`rbp_core.ContractionViolation`,
+        or only ``error_bound=None``). Non-finite values always raise.
     throw : bool
         Raise :class:`rbp_core.ConvergenceError` when the forward solve fails
         (default). With False a forward solve that reached its budget goes on
@@ -409,12 +411,14 @@ class _ImplicitHook:
                 stacklevel=2,
             )
         if self.contraction is not None and solution.converged and solution.error_bound is None:
-            warnings.warn(
+            msg = (
                 f"backward solve {name}: contraction={self.contraction!r} was disproved by the iteration; "
-                "no error bound is certified",
-                BackwardFailureWarning,
-                stacklevel=2,
+                "no error bound is certified"
             )
+            if self.on_failure == "raise":
+                raise ContractionViolation(msg)
+            if self.on_failure == "warn":
+                warnings.warn(msg, BackwardFailureWarning, stacklevel=2)
         return cast("torch.Tensor", solution.value)
 
 
@@ -483,6 +487,7 @@ class FixedPoint(torch.nn.Module):
         self.info: FixedPointInfo | None = None
 
     def forward(self, x: Any, h0: State, *extra: Any) -> State:
+        """The fixed point of ``h -> cell(h, x, *extra)`` from ``h0``; its info goes to ``self.info``."""
         inputs: Sequence[Any] = (x, *extra)
         h, info = fixed_point(
             lambda h: self.cell(h, *inputs),

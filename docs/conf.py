@@ -55,11 +55,19 @@ numpydoc_xref_aliases = {word: word for word in _PLAIN_TYPE_WORDS} | {
     "FixedPointIteration": "rbp_core.FixedPointIteration",
     "ImplicitGradient": "rbp_core.ImplicitGradient",
     "Callbacks": "rbp_core.backends.numpy.Callbacks",
+    "FixedPointInfo": "rbp_core.backends.torch.FixedPointInfo",
+    "BPTT": "rbp_core.backends.torch.BPTT",
+    "TBPTT": "rbp_core.backends.torch.TBPTT",
+    # PyTorch's own types (the torch adapter's docstrings); PyTorch's inventory is not loaded.
+    "Tensor": "torch.Tensor",
+    "nn.Module": "torch.nn.Module",
 }
 numpydoc_xref_ignore = _PLAIN_TYPE_WORDS
 
-# Objects of other projects named as types in docstrings (jacobian_callbacks).
+# Objects of other projects named as types in docstrings (jacobian_callbacks, the torch adapter).
 nitpick_ignore = [
     ("py:obj", "scipy.sparse"),
     ("py:obj", "scipy.sparse.linalg.LinearOperator"),
+    ("py:obj", "torch.Tensor"),
+    ("py:obj", "torch.nn.Module"),
 ]

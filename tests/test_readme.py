@@ -22,3 +22,15 @@ def test_quick_start_runs(capsys: pytest.CaptureFixture[str]) -> None:
         ["original_rbp", "SUCCESS"],
         ["cg_rbp", "SUCCESS"],
     ]
+
+
+def test_pytorch_quick_start_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("torch", reason="the PyTorch quick start needs torch")
+    if not README.exists():
+        pytest.skip("README.md is not next to the tests")
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL) if "import torch" in b]
+    assert blocks, "the README has no PyTorch quick start"
+    exec(compile(blocks[0], str(README), "exec"), {})  # noqa: S102 - our own README
+    out = [line for line in capsys.readouterr().out.split("\n") if line]
+    assert out[0].startswith("fixed_point: converged")
+    assert out[1].startswith("original_rbp: converged")
