@@ -353,3 +353,29 @@ def test_inputs_not_modified_and_no_grad_into_h0() -> None:
     h.sum().backward()
     assert h0.grad is None
     assert torch.equal(h0.detach(), torch.full((1, 3), 0.25, dtype=F64))
+
+
+@pytest.mark.parametrize("policy", ["warn", "raise", "ignore"])
+def test_disproved_contraction_follows_the_failure_policy(policy) -> None:
+    W = torch.nn.Parameter(torch.diag(torch.tensor([0.9, 0.1], dtype=F64)))
+    x = torch.ones(2, dtype=F64)
+    h, info = fixed_point(
+        lambda h: W @ h + x,
+        torch.zeros(2, dtype=F64),
+        backward=rbp_core.Neumann(steps=20),
+        contraction=0.3,  # false: ||W|| = 0.9
+        throw=False,
+        on_backward_failure=policy,
+    )
+    assert info.forward.error_bound is None
+    if policy == "raise":
+        with pytest.raises(rbp_core.ContractionViolation, match=r"contraction=0\.3 was disproved"):
+            h.sum().backward()
+    elif policy == "warn":
+        with pytest.warns(BackwardFailureWarning, match=r"contraction=0\.3 was disproved"):
+            h.sum().backward()
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            h.sum().backward()
+        assert info.backward[0].error_bound is None
