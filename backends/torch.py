@@ -14,6 +14,7 @@ through every forward update, or through the last ``K`` only.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -94,7 +95,9 @@ class FixedPointInfo:
         The backward method's name.
     backward : list of Solution
         One Solution per backward pass through the output (RBP methods only;
-        BPTT and TBPTT solve nothing).
+        BPTT and TBPTT solve nothing). Their ``value`` is None: the adjoint
+        ``z`` goes on to autograd and is not kept, so repeated backward passes
+        do not pile up state-sized arrays here.
     """
 
     forward: Solution
@@ -163,7 +166,7 @@ def fixed_point(
     backward: Backward,
     forward: FixedPointIteration | None = None,
     contraction: float | None = None,
-    jvp: JVPMode = "forward",
+    jvp: JVPMode = "double-backward",
     on_backward_failure: OnFailure = "warn",
     throw: bool = True,
 ) -> tuple[State, FixedPointInfo]:
@@ -188,13 +191,15 @@ def fixed_point(
     contraction : float, optional
         A Lipschitz bound ``mu < 1`` of ``f``; certifies the forward and
         backward solves (``info.forward.error_bound``, ``info.backward[i].error_bound``).
-    jvp : {"forward", "double-backward"}
-        How CG-RBP gets ``J v``: forward-mode AD (``torch.func.jvp``, one
-        forward-mode evaluation of ``f`` per product, about the cost of 1-3
-        evaluations of ``f``; needs forward-AD support of every op in ``f``), or
-        the double-backward trick (differentiates the VJP again, about two
-        reverse passes per product, through the stored step; needs double
-        backward support).
+    jvp : {"double-backward", "forward"}
+        How CG-RBP gets ``J v``. ``"double-backward"`` (default): the graph of
+        ``J^T u`` is recorded once per backward pass and each product is one
+        reverse pass through it (needs double-backward support of the ops in
+        ``f``). ``"forward"``: forward-mode AD, ``torch.func.jvp``, one
+        forward-mode evaluation of ``f`` per product (needs forward-AD
+        support). benchmarks/bench_torch.py measured the forward mode at about
+        5 evaluations of ``f`` per product on a tanh RNN, twice the cost of the
+        double-backward products there.
     on_backward_failure : {"warn", "raise", "ignore"}
         What a backward solve that ends without converging (``MAX_STEPS``,
         ``DIVERGED``, ``BREAKDOWN``) does: warn with
@@ -273,13 +278,12 @@ def fixed_point(
         return packing.unpack(h), info
 
     method = cast("BackwardMethod", backward)  # BPTT returned above, in both grad modes
-    h_in = h_star.clone().requires_grad_()
-    out = f_flat(h_in)
-    _require_grad(out, name, ignore=h_in)
-    # The hook sits on a view of ``out`` and holds ``out`` itself: no reference cycle through the
-    # returned tensor, so the one-step graph is freed as soon as the caller drops the result.
-    y = out.view_as(out)
-    hook = _ImplicitHook(out, h_in, f_flat, method, info, contraction, jvp, on_backward_failure)
+    # The returned step is a function of the parameters only (h* carries no grad): a user's
+    # loss.backward() then computes no gradient with respect to the state, which the hook's
+    # solve does instead. The hook holds h* and f, not y: no reference cycle keeps y's graph.
+    y = f_flat(h_star)
+    _require_grad(y, name)
+    hook = _ImplicitHook(h_star, f_flat, method, info, contraction, jvp, on_backward_failure)
     y.register_hook(hook)  # type: ignore[no-untyped-call]
     return packing.unpack(y), info
 
@@ -314,12 +318,9 @@ def _bptt(
     return packing.unpack(h_out), FixedPointInfo(forward=sol, method=name)
 
 
-def _require_grad(out: torch.Tensor, name: str, ignore: torch.Tensor | None = None) -> None:
+def _require_grad(out: torch.Tensor, name: str) -> None:
     """A fixed point that carries no gradient under grad mode is an error, not a silent zero."""
-    connected = out.requires_grad
-    if connected and ignore is not None and out.grad_fn is not None:
-        connected = _depends_on_more_than(out, ignore)
-    if not connected:
+    if not out.requires_grad:
         msg = (
             f"fixed_point(backward={name}): no tensor that f uses requires grad, so the fixed point "
             "would carry no gradient. Make the parameters or inputs of f require grad, or call it "
@@ -328,29 +329,17 @@ def _require_grad(out: torch.Tensor, name: str, ignore: torch.Tensor | None = No
         raise ValueError(msg)
 
 
-def _depends_on_more_than(out: torch.Tensor, leaf: torch.Tensor) -> bool:
-    """Whether ``out``'s graph reaches a tensor requiring grad other than ``leaf``."""
-    seen: set[int] = set()
-    stack = [out.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        variable = getattr(node, "variable", None)
-        if variable is not None and variable is not leaf:
-            return True
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return False
-
-
 class _ImplicitHook:
-    """The gradient hook on ``out = f(h*)``: replaces ``g`` by ``z`` with ``(I - J^T) z = g``."""
+    """The gradient hook on ``y = f(h*)``: replaces ``g`` by ``z`` with ``(I - J^T) z = g``.
+
+    Each backward pass records one step ``out = f(h_in)`` with ``h_in = h*`` requiring grad,
+    takes the solver's VJPs (and JVPs) through it, and drops it: the state's graph exists only
+    while the backward solve runs.
+    """
 
     def __init__(
         self,
-        out: torch.Tensor,
-        h_in: torch.Tensor,
+        h_star: torch.Tensor,
         f_flat: Callable[[torch.Tensor], torch.Tensor],
         method: BackwardMethod,
         info: FixedPointInfo,
@@ -358,8 +347,7 @@ class _ImplicitHook:
         jvp_mode: JVPMode,
         on_failure: OnFailure,
     ) -> None:
-        self.out = out
-        self.h_in = h_in
+        self.h_star = h_star
         self.f_flat = f_flat
         self.method = method
         self.info = info
@@ -367,21 +355,39 @@ class _ImplicitHook:
         self.jvp_mode = jvp_mode
         self.on_failure = on_failure
 
-    def vjp(self, v: torch.Tensor) -> torch.Tensor:
-        (grad,) = torch.autograd.grad(self.out, self.h_in, v, retain_graph=True)
-        return grad
-
-    def jvp_forward(self, v: torch.Tensor) -> torch.Tensor:
-        result = torch.func.jvp(self.f_flat, (self.h_in.detach(),), (v,))
-        tangent: torch.Tensor = result[1]
-        return tangent.detach()
-
-    def jvp_double_backward(self, v: torch.Tensor) -> torch.Tensor:
+    def _callbacks(
+        self,
+    ) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor] | None]:
+        """``vjp`` and, for methods that need it, ``jvp`` through one recorded step at ``h*``."""
         with torch.enable_grad():
-            u = torch.zeros_like(v, requires_grad=True)
-            (jtu,) = torch.autograd.grad(self.out, self.h_in, u, retain_graph=True, create_graph=True)
+            h_in = self.h_star.detach().requires_grad_()
+            out = self.f_flat(h_in)
+
+        def vjp(v: torch.Tensor) -> torch.Tensor:
+            (grad,) = torch.autograd.grad(out, h_in, v, retain_graph=True)
+            return grad
+
+        if not self.method.needs_jvp:
+            return vjp, None
+        if self.jvp_mode == "forward":
+
+            def jvp(v: torch.Tensor) -> torch.Tensor:
+                result = torch.func.jvp(self.f_flat, (self.h_star,), (v,))
+                tangent: torch.Tensor = result[1]
+                return tangent.detach()
+
+            return vjp, jvp
+        # Double backward: J^T u is linear in u, so the gradient of <J^T u, v> with respect to u is
+        # J v. The graph of J^T u is recorded once per backward pass and differentiated per product.
+        with torch.enable_grad():
+            u = torch.zeros_like(self.h_star, requires_grad=True)
+            (jtu,) = torch.autograd.grad(out, h_in, u, retain_graph=True, create_graph=True)
+
+        def jvp_double_backward(v: torch.Tensor) -> torch.Tensor:
             (jv,) = torch.autograd.grad(jtu, u, v, retain_graph=True)
-        return jv
+            return jv
+
+        return vjp, jvp_double_backward
 
     def __call__(self, g: torch.Tensor | None) -> torch.Tensor | None:
         if g is None:  # an undefined gradient (all zeros) stays undefined
@@ -393,11 +399,11 @@ class _ImplicitHook:
                 "the backward solve is not differentiable. Use BPTT or TBPTT for higher-order derivatives."
             )
             raise RuntimeError(msg)
-        jvp = None
-        if self.method.needs_jvp:
-            jvp = self.jvp_forward if self.jvp_mode == "forward" else self.jvp_double_backward
-        solution = self.method.solve(self.vjp, g.detach(), jvp=jvp, contraction=self.contraction, throw=False)
-        self.info.backward.append(solution)
+        vjp, jvp = self._callbacks()
+        solution = self.method.solve(vjp, g.detach(), jvp=jvp, contraction=self.contraction, throw=False)
+        # The record keeps everything but z, which autograd takes over: repeated backward passes
+        # through one output must not pile up state-sized arrays in info.
+        self.info.backward.append(dataclasses.replace(solution, value=None))
         if solution.status is Status.NONFINITE:
             where = "the incoming gradient dL/dh*" if not math.isfinite(_norm(g)) else "the backward iteration"
             msg = f"{name}: non-finite values (NaN or Inf) in {where}; {solution.describe()}"
@@ -472,7 +478,7 @@ class FixedPoint(torch.nn.Module):
         backward: Backward,
         forward_solver: FixedPointIteration | None = None,
         contraction: float | None = None,
-        jvp: JVPMode = "forward",
+        jvp: JVPMode = "double-backward",
         on_backward_failure: OnFailure = "warn",
         throw: bool = True,
     ) -> None:

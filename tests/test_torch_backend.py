@@ -379,3 +379,28 @@ def test_disproved_contraction_follows_the_failure_policy(policy) -> None:
             warnings.simplefilter("error")
             h.sum().backward()
         assert info.backward[0].error_bound is None
+
+
+def test_backward_makes_exactly_the_solvers_state_vjps() -> None:
+    """loss.backward() must not add a VJP with respect to the state beyond the solver's K."""
+    calls = []
+
+    class CountStateVJPs(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, h):
+            return h.view_as(h)
+
+        @staticmethod
+        def backward(ctx, grad):
+            calls.append(1)
+            return grad
+
+    model = TanhRNN(4, 2, seed=13, device="cpu")
+    x = torch.randn(2, 2, dtype=F64)
+    h, info = fixed_point(
+        lambda h: model(CountStateVJPs.apply(h), x), torch.zeros(2, 4, dtype=F64), backward=rbp_core.Neumann(7)
+    )
+    h.square().sum().backward()
+    assert info.backward[0].num_vjp == 7
+    assert len(calls) == 7
+    assert info.backward[0].value is None  # the record does not keep z
