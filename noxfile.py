@@ -95,9 +95,14 @@ def build(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks: solver overhead against bare VJP loops (ratios, side by side in one run)."""
-    _install(session, "-e", ".", "numpy>=1.26", "scipy>=1.11")
+    """Benchmarks: solver overhead against bare VJP loops, then the PyTorch adapter against TBPTT, BPTT and peers.
+
+    ``nox -s bench -- ARGS`` passes ARGS to ``bench_core.py``; ``bench_torch.py`` runs with its defaults
+    (torch pinned by ``constraints.txt``; TorchDEQ and TorchOpt are the peers it compares with).
+    """
+    _install(session, "-e", ".", "numpy>=1.26", "scipy>=1.11", "torch", "torchdeq", "torchopt")
     session.run("python", "benchmarks/bench_core.py", *session.posargs)
+    session.run("python", "benchmarks/bench_torch.py")
 
 
 @nox.session
