@@ -60,7 +60,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on rbp_core and backends."""
-    _install(session, "-e", ".", "mypy>=1.11", "numpy>=1.26", "scipy>=1.11")
+    _install(session, "-e", ".", "mypy>=1.11", "numpy>=1.26", "scipy>=1.11", "torch")
     session.run("mypy")
 
 
