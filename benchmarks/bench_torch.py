@@ -899,7 +899,7 @@ class LeafVJPCounter:
         return counted
 
 
-def rbp_peer(p: PeerProblem, method: Any, jvp: str = "forward") -> PeerSetup:
+def rbp_peer(p: PeerProblem, method: Any, jvp: str = "double-backward") -> PeerSetup:
     counter = LeafVJPCounter()
     h, info = fixed_point(
         counter.wrap(p.f),
@@ -1035,14 +1035,14 @@ def measure_peers(
             lambda: rbp_peer(p, rbp_core.OriginalRBP(tol=tol, max_iter=max_iter)),
         ),
         (
-            "rbp-core CGRBP",
-            f"||g-(I-J^T)z|| <= {tol:g}||g||",
-            lambda: rbp_peer(p, rbp_core.CGRBP(tol=tol, max_iter=max_iter)),
-        ),
-        (
-            "rbp-core CGRBP jvp=double-backward",
+            "rbp-core CGRBP (jvp=double-backward)",
             f"||g-(I-J^T)z|| <= {tol:g}||g||",
             lambda: rbp_peer(p, rbp_core.CGRBP(tol=tol, max_iter=max_iter), jvp="double-backward"),
+        ),
+        (
+            "rbp-core CGRBP jvp=forward",
+            f"||g-(I-J^T)z|| <= {tol:g}||g||",
+            lambda: rbp_peer(p, rbp_core.CGRBP(tol=tol, max_iter=max_iter), jvp="forward"),
         ),
         (
             f"rbp-core Neumann K={k_cert}",
