@@ -25,7 +25,7 @@ TEST_DEPS = ("pytest>=8", "hypothesis>=6.100", "numpy>=1.26", "scipy>=1.11", "ar
 # where a GPU exists (elsewhere they show as skipped, with the reason).
 BACKEND_SETS = {
     "core": ("numpy,numpy-readonly,array-api-strict,array-api-strict-noext", ()),
-    "torch": ("torch,torch-cuda?,cupy?", ("torch",)),
+    "torch": ("torch,torch-cuda?,cupy?", ("torch", "matplotlib>=3.7", "tqdm>=4.60")),
 }
 
 

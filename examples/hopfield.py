@@ -1,0 +1,599 @@
+"""Associative memory with a continuous Hopfield network: the five backward methods side by side.
+
+The first experiment of Liao et al., "Reviving and Improving Recurrent Back-Propagation" (ICML 2018),
+section 3(a) of the paper notes. A Hopfield network of 784 observed, 1024 hidden and 784 output
+units (2592 in all) runs the update
+
+    h_{t+1} = clamp((1 - a) h_t + W sigma(b h_t)),     a = 1, b = 0.5, sigma the logistic sigmoid,
+
+where clamp sets the observed units to the image after every update, and W = (W0 + W0^T) * (1 - I)
+(symmetric, no self loops) with W0 ~ N(0, 1e-3^2) the trained parameter. The map f(h) = clamp(update(h))
+is what rbp_core.backends.torch.fixed_point iterates, from h_0 = (image, 0, 0) (observed units
+clamped, hidden and output units zero): FixedPointIteration(tol=0.0, max_iter=50,
+divergence_factor=None) with throw=False, so 50 updates run: tol=0 is met only when two iterates are
+bitwise equal, an exact fixed point where more updates would change nothing, and the solve then stops
+early (metrics.json records the number of updates as "forward_updates"; early in training, when W is
+small and f a strong contraction, this happens after as few as 7 updates in float32, so BPTT's graph
+then holds those updates only). The divergence test is off so that a growing step does not stop the
+loop early. The output units are read from the state that fixed_point returns: the last forward
+iterate for BPTT, the last of its T extra updates for TBPTT, and f(h*), one update past the forward
+solution, for the three RBP methods (the step autograd is attached to; docs/torch.md).
+
+The loss is the L1 distance (mean absolute error per pixel) between the output units and the
+image; Adam, lr 1e-3, batch 1, on the ten clean binarised images (the first of each class of
+Fashion-MNIST's training set). The test sets a random 50% of each image's non-zero pixels to zero,
+clamps the observed units to that corrupted image, runs 50 updates and measures the L1 recall error
+of the output units against the clean image.
+
+Backward methods and the truncation convention (``--truncation T``, default 20, the paper's
+"truncation 20": T backward steps, i.e. T terms of the series sum_t (J^T)^t g):
+
+- "BPTT":        rbp_core.backends.torch.BPTT(), through all 50 updates;
+- "TBPTT":       TBPTT(steps=T), T recorded updates after the forward solve (T terms);
+- "RBP":         rbp_core.OriginalRBP(tol=None, max_iter=T): at most T iterations z_i = J^T z_{i-1} + g
+                 from z_0 = 0 (z_1 = g, so at most T - 1 VJPs and T terms), stopping early at its
+                 default relative tolerance; rbp-core's adapter starts from zero, not from the paper's
+                 random z_0;
+- "CG-RBP":      rbp_core.CGRBP(tol=None, max_iter=T), at most T CG iterations, each one VJP and one JVP
+                 (the adapter's default double-backward JVP);
+- "Neumann-RBP": rbp_core.Neumann(steps=T - 1): T - 1 VJPs give T series terms, so at an exact fixed
+                 point it equals TBPTT(steps=T) (docs/torch.md).
+
+A truncated RBP or CG-RBP solve that ends at its budget (MAX_STEPS) is expected and counted. A solve
+whose status is DIVERGED or NONFINITE (the adapter raises FloatingPointError for the latter, and
+rbp_core.ConvergenceError where asked to raise), a forward solve that goes non-finite, or a
+non-finite loss is a *result*, the instability the paper reports for original RBP: the method is
+recorded as diverged at that (1-based) epoch, its curve ends with the last completed epoch, and the
+other methods go on. Any other exception is a bug: the script reports it and exits with status 1.
+
+Memory: "backward_saved_kb" is the size of the distinct tensors that autograd saves for backward
+during one training step (the forward graph, plus the one-step graphs that the RBP methods record
+inside their backward solve), counted with torch.autograd.graph.saved_tensors_hooks in every training
+step (the largest is reported), leaving out the weight matrix W (10 MB to 27 MB, saved once by
+every method). It is the part of memory that grows with the number of recorded updates (BPTT: 50, TBPTT: T) and
+stays at one step for the RBP methods; it is not the process RSS (torch allocations are not visible
+to tracemalloc, and ru_maxrss only ever grows).
+
+Outputs in ``--out DIR``: metrics.json (per method: status, final and best training loss, test recall
+error, wall time, backward_saved_kb, the training curve, backward-solve statuses, how many forward
+updates ran, the forward difference norms), loss_curves.png, forward_difference.png and recall.png
+(clean, corrupted and recalled images); a table of the methods is printed at the end.
+
+Run: ``python examples/hopfield.py [--quick] [--out DIR] [--data DIR] [--epochs N] [--truncation T]
+[--seed S]`` (``--data DIR``: an MNIST-format IDX directory instead of the shipped ten images;
+``--write-data``: with ``--data``, regenerate examples/data/fashion_mnist_first10.npz from it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+DATA_FILE = HERE / "data" / "fashion_mnist_first10.npz"
+METHODS = ("BPTT", "TBPTT", "RBP", "CG-RBP", "Neumann-RBP")
+N_VISIBLE = 784
+
+
+# --- data ---------------------------------------------------------------------------------------
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read one IDX file (plain or gzip-compressed, told apart by the gzip magic bytes)."""
+    raw = Path(path).read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        msg = f"{path}: not an IDX file (magic bytes {raw[:4]!r})"
+        raise ValueError(msg)
+    ndim = raw[3]
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    offset = 4 + 4 * ndim
+    count = math.prod(dims)
+    if len(raw) - offset != count * dtype.itemsize:
+        msg = f"{path}: header says {dims} ({count * dtype.itemsize} bytes), the file holds {len(raw) - offset}"
+        raise ValueError(msg)
+    return np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(dims)
+
+
+def _find_idx(directory: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (directory / name).is_file():
+            return directory / name
+    msg = f"{directory}: neither {stem} nor {stem}.gz found"
+    raise FileNotFoundError(msg)
+
+
+def load_idx_dir(directory: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """The training images (N, rows, cols) uint8 and labels (N,) of an MNIST-format IDX directory.
+
+    Reads ``train-images-idx3-ubyte`` and ``train-labels-idx1-ubyte``, each plain or with ``.gz``.
+    """
+    d = Path(directory)
+    images = read_idx(_find_idx(d, "train-images-idx3-ubyte"))
+    labels = read_idx(_find_idx(d, "train-labels-idx1-ubyte"))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        msg = f"{d}: images of shape {images.shape} do not match labels of shape {labels.shape}"
+        raise ValueError(msg)
+    return images, labels
+
+
+def first_of_each_class(images: np.ndarray, labels: np.ndarray, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """The first image of each class 0..num_classes-1, binarised at > 0.5 after scaling to [0, 1].
+
+    Returns ``(binary uint8 images (num_classes, rows, cols) of 0 and 1, their indices)``.
+    """
+    idx = []
+    for c in range(num_classes):
+        hits = np.flatnonzero(labels == c)
+        if hits.size == 0:
+            msg = f"no image of class {c}"
+            raise ValueError(msg)
+        idx.append(int(hits[0]))
+    chosen = images[np.array(idx)].astype(np.float64) / 255.0
+    return (chosen > 0.5).astype(np.uint8), np.array(idx, dtype=np.int64)
+
+
+def write_data_file(idx_dir: str | Path, out: str | Path = DATA_FILE) -> Path:
+    """Regenerate the shipped data file from an IDX directory (e.g. /usr/share/datasets/fashion-mnist)."""
+    images, labels = load_idx_dir(idx_dir)
+    binary, idx = first_of_each_class(images, labels)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        out, bits=np.packbits(binary.reshape(len(binary), -1), axis=1), shape=np.array(binary.shape), index=idx
+    )
+    return out
+
+
+def load_data_file(path: str | Path = DATA_FILE) -> np.ndarray:
+    """The ten binary images, as uint8 (10, 28 * 28) of 0 and 1."""
+    with np.load(path, allow_pickle=False) as z:
+        n, rows, cols = (int(s) for s in z["shape"])
+        return np.unpackbits(z["bits"], axis=1, count=rows * cols)[:n].astype(np.uint8)
+
+
+def load_images(data_dir: str | Path | None) -> np.ndarray:
+    """Binary images (10, 784): the shipped file, or the first of each class of ``data_dir``."""
+    if data_dir is None:
+        return load_data_file()
+    images, labels = load_idx_dir(data_dir)
+    binary, _ = first_of_each_class(images, labels)
+    return binary.reshape(len(binary), -1)
+
+
+def corrupt(images: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Set a random ``fraction`` of each image's non-zero pixels to zero."""
+    out = images.copy()
+    for row in out:
+        nz = np.flatnonzero(row)
+        off = rng.choice(nz, size=round(fraction * nz.size), replace=False)
+        row[off] = 0
+    return out
+
+
+# --- the model ----------------------------------------------------------------------------------
+def hopfield_update(W: Any, h: Any, a: float, b: float) -> Any:
+    """One unclamped update ``(1 - a) h + W sigma(b h)`` of a state ``h`` (shape (n,))."""
+    import torch
+
+    return (1.0 - a) * h + W @ torch.sigmoid(b * h)
+
+
+def hopfield_step(W: Any, h: Any, x: Any, a: float, b: float) -> Any:
+    """``f(h) = clamp(update(h))``: the update, then the first ``len(x)`` (observed) units set to ``x``."""
+    import torch
+
+    u = hopfield_update(W, h, a, b)
+    return torch.cat([x, u[x.shape[0] :]])
+
+
+def hopfield_jvp(W: Any, h: Any, v: Any, a: float, b: float, n_clamped: int = 0) -> Any:
+    """Hand-written forward-mode derivative ``J v`` of :func:`hopfield_step` at ``h``.
+
+    ``d/dh [(1 - a) h + W sigma(b h)] v = (1 - a) v + W (b sigma'(b h) * v)`` with
+    ``sigma' = sigma (1 - sigma)``: a diagonal term and a W term. The clamp makes the first
+    ``n_clamped`` rows of J zero. (The paper's reference code got this derivative wrong.)
+    """
+    import torch
+
+    s = torch.sigmoid(b * h)
+    jv = (1.0 - a) * v + W @ (b * s * (1.0 - s) * v)
+    if n_clamped:
+        jv = torch.cat([torch.zeros_like(jv[:n_clamped]), jv[n_clamped:]])
+    return jv
+
+
+def make_model(n_hidden: int, seed: int, std: float = 1e-3) -> tuple[Any, Any]:
+    """``W0`` (a trainable parameter, N(0, std^2)) and the off-diagonal mask of a network with ``n_hidden`` units."""
+    import torch
+
+    n = 2 * N_VISIBLE + n_hidden
+    gen = torch.Generator().manual_seed(seed)
+    W0 = torch.nn.Parameter(std * torch.randn(n, n, generator=gen))
+    mask = 1.0 - torch.eye(n)
+    return W0, mask
+
+
+def symmetric_weight(W0: Any, mask: Any) -> Any:
+    """``W = (W0 + W0^T) * (1 - I)``."""
+    return (W0 + W0.T) * mask
+
+
+# --- training -----------------------------------------------------------------------------------
+@dataclass
+class Settings:
+    epochs: int = 1000
+    truncation: int = 20
+    seed: int = 0
+    n_hidden: int = 1024
+    n_images: int = 10
+    updates: int = 50
+    a: float = 1.0
+    b: float = 0.5
+    lr: float = 1e-3
+
+
+@dataclass
+class Result:
+    method: str
+    status: str = "ok"  # "ok", "diverged" or "error"
+    diverged_epoch: int | None = None
+    reason: str | None = None
+    curve: list[float] = field(default_factory=list)
+    test_error: float | None = None
+    wall_s: float = 0.0
+    saved_kb: float | None = None
+    forward_steps: list[int] = field(default_factory=list)
+    backward_statuses: dict[str, int] = field(default_factory=dict)
+    forward_difference: list[float] = field(default_factory=list)
+    recalled: Any = None
+
+    def to_json(self) -> dict[str, Any]:
+        finite = [c for c in self.curve if math.isfinite(c)]
+        return {
+            "status": self.status,
+            "diverged_epoch": self.diverged_epoch,
+            "reason": self.reason,
+            "final_train_loss": self.curve[-1] if self.curve else None,
+            "best_train_loss": min(finite) if finite else None,
+            "test_recall_error": self.test_error,
+            "wall_time_s": self.wall_s,
+            "backward_saved_kb": self.saved_kb,
+            "forward_updates": {
+                "min": min(self.forward_steps, default=None),
+                "max": max(self.forward_steps, default=None),
+                "mean": float(np.mean(self.forward_steps)) if self.forward_steps else None,
+            },
+            "backward_statuses": self.backward_statuses,
+            "train_curve": self.curve,
+            "forward_difference_norms": self.forward_difference,
+        }
+
+
+def backward_method(name: str, T: int) -> Any:
+    import rbp_core
+    from rbp_core.backends.torch import BPTT, TBPTT
+
+    return {
+        "BPTT": BPTT,
+        "TBPTT": lambda: TBPTT(steps=T),
+        "RBP": lambda: rbp_core.OriginalRBP(max_iter=T),
+        "CG-RBP": lambda: rbp_core.CGRBP(max_iter=T),
+        "Neumann-RBP": lambda: rbp_core.Neumann(steps=T - 1),
+    }[name]()
+
+
+class _SavedBytes:
+    """Bytes of the distinct storages autograd saves for backward while active."""
+
+    def __init__(self, exclude: Any = None) -> None:
+        import torch
+
+        self.seen: set[int] = set() if exclude is None else {exclude.untyped_storage().data_ptr()}
+        self.total = 0
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: Any) -> Any:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in self.seen:
+            self.seen.add(key)
+            self.total += storage.nbytes()
+        return t
+
+    def __enter__(self) -> Self:
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._ctx.__exit__(*exc)
+
+
+class Diverged(Exception):  # noqa: N818 - a result, not an error
+    """A method's training blew up: a legitimate result, recorded, not a bug."""
+
+
+def run_forward(W: Any, x: Any, n: int, s: Settings) -> tuple[Any, list[float]]:
+    """50 plain updates without autograd, with the difference norms ||h_t - h_{t-1}||."""
+    import torch
+
+    h = torch.cat([x, torch.zeros(n - x.shape[0])])
+    norms = []
+    with torch.no_grad():
+        for _ in range(s.updates):
+            new = hopfield_step(W, h, x, s.a, s.b)
+            norms.append(float(torch.linalg.vector_norm(new - h)))
+            h = new
+    return h, norms
+
+
+def train_method(name: str, images: Any, corrupted: Any, s: Settings, progress: Callable[..., Any]) -> Result:
+    import torch
+
+    import rbp_core
+    from rbp_core.backends.torch import fixed_point
+
+    res = Result(name)
+    torch.manual_seed(s.seed)
+    W0, mask = make_model(s.n_hidden, s.seed)
+    n = W0.shape[0]
+    opt = torch.optim.Adam([W0], lr=s.lr)
+    method = backward_method(name, s.truncation)
+    forward = rbp_core.FixedPointIteration(tol=0.0, max_iter=s.updates, divergence_factor=None)
+    order_rng = np.random.default_rng(s.seed)
+    start = time.perf_counter()
+    current_epoch = 0
+    epochs = progress(range(s.epochs), desc=f"{name:>11}", leave=False)
+    try:
+        for epoch in epochs:
+            current_epoch = epoch
+            total = 0.0
+            for i in order_rng.permutation(len(images)):
+                x = images[i]
+                h0 = torch.cat([x, torch.zeros(n - x.shape[0])])
+                W = symmetric_weight(W0, mask)
+                meter = _SavedBytes(exclude=W)
+                with meter:
+                    h, info = fixed_point(
+                        lambda h, W=W, x=x: hopfield_step(W, h, x, s.a, s.b),
+                        h0,
+                        backward=method,
+                        forward=forward,
+                        throw=False,
+                        on_backward_failure="ignore",
+                    )
+                    res.forward_steps.append(info.forward.num_steps)
+                    if info.forward.status is rbp_core.Status.NONFINITE:
+                        msg = f"forward solve: {info.forward.describe()}"
+                        raise Diverged(msg)
+                    loss = torch.nn.functional.l1_loss(h[n - N_VISIBLE :], x)
+                    loss_value = float(loss.detach())
+                    if not math.isfinite(loss_value):
+                        msg = f"non-finite loss {loss_value}"
+                        raise Diverged(msg)
+                    opt.zero_grad()
+                    try:
+                        loss.backward()
+                    except FloatingPointError as err:  # the adapter's NONFINITE backward solve
+                        raise Diverged(str(err)) from err
+                    except rbp_core.ConvergenceError as err:
+                        if err.status in (rbp_core.Status.NONFINITE, rbp_core.Status.DIVERGED):
+                            raise Diverged(str(err)) from err
+                        raise
+                res.saved_kb = max(res.saved_kb or 0.0, meter.total / 2**10)
+                for sol in info.backward:
+                    res.backward_statuses[sol.status.name] = res.backward_statuses.get(sol.status.name, 0) + 1
+                    if sol.status in (rbp_core.Status.DIVERGED, rbp_core.Status.NONFINITE):
+                        msg = f"backward solve: {sol.describe()}"
+                        raise Diverged(msg)
+                if not bool(torch.isfinite(W0.grad).all()):
+                    msg = "non-finite gradient"
+                    raise Diverged(msg)
+                opt.step()
+                total += loss_value
+            res.curve.append(total / len(images))
+            if hasattr(epochs, "set_postfix"):
+                epochs.set_postfix(loss=f"{res.curve[-1]:.4f}")
+    except Diverged as err:
+        res.status, res.diverged_epoch, res.reason = "diverged", current_epoch + 1, str(err)
+    except Exception as err:  # noqa: BLE001 - a bug: reported with its traceback, the script exits non-zero
+        res.status, res.reason = "error", f"{type(err).__name__}: {err}"
+        traceback.print_exc()
+        if getattr(epochs, "close", None):
+            epochs.close()
+        res.wall_s = time.perf_counter() - start
+        return res
+    if getattr(epochs, "close", None):
+        epochs.close()
+    res.wall_s = time.perf_counter() - start
+    with torch.no_grad():
+        W = symmetric_weight(W0, mask)
+        errors, recalled, diffs = [], [], []
+        for x, xc in zip(images, corrupted, strict=True):
+            h, _ = run_forward(W, xc, n, s)
+            out = h[n - N_VISIBLE :]
+            errors.append(float((out - x).abs().mean()))
+            recalled.append(out.numpy().copy())
+            diffs.append(run_forward(W, x, n, s)[1])
+        res.test_error = float(np.mean(errors)) if all(math.isfinite(e) for e in errors) else math.nan
+        res.recalled = np.array(recalled)
+        res.forward_difference = [float(v) for v in np.mean(np.array(diffs), axis=0)]
+    return res
+
+
+# --- output -------------------------------------------------------------------------------------
+def plot(results: Sequence[Result], images: np.ndarray, corrupted: np.ndarray, out: Path) -> None:
+    import matplotlib as mpl
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        if r.curve:
+            ax.plot(
+                np.arange(1, len(r.curve) + 1),
+                r.curve,
+                label=r.method + (" (diverged)" if r.status == "diverged" else ""),
+            )
+    ax.set(xlabel="epoch", ylabel="training L1 loss", yscale="log", title="Hopfield associative memory")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        if r.forward_difference:
+            ax.plot(
+                np.arange(1, len(r.forward_difference) + 1), np.maximum(r.forward_difference, 1e-30), label=r.method
+            )
+    ax.set(
+        xlabel="update t",
+        ylabel=r"$\|h_t - h_{t-1}\|$ (mean over images)",
+        yscale="log",
+        title="forward difference norm",
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "forward_difference.png", dpi=100)
+    plt.close(fig)
+
+    rows = [("clean", images), ("corrupted", corrupted)] + [
+        (r.method, r.recalled) for r in results if r.recalled is not None
+    ]
+    fig, axes = plt.subplots(len(rows), len(images), figsize=(len(images), len(rows) + 0.3), squeeze=False)
+    for (label, imgs), line in zip(rows, axes, strict=True):
+        for img, ax in zip(imgs, line, strict=True):
+            ax.imshow(
+                np.clip(np.nan_to_num(np.asarray(img, dtype=float)), 0, 1).reshape(28, 28), cmap="gray", vmin=0, vmax=1
+            )
+            ax.set_xticks([])
+            ax.set_yticks([])
+        line[0].set_ylabel(label, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "recall.png", dpi=100)
+    plt.close(fig)
+
+
+def _finite_or_null(obj: Any) -> Any:
+    """NaN and infinities become null: metrics.json stays standard JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_or_null(v) for v in obj]
+    return obj
+
+
+def table(results: Sequence[Result]) -> str:
+    def fmt(v: float | None, spec: str = ".4f") -> str:
+        return "-" if v is None else format(v, spec)
+
+    lines = [
+        f"{'method':<12} {'status':<14} {'final loss':>10} {'best loss':>10} {'recall err':>10} {'time s':>8} {'saved KB':>9}"
+    ]
+    for r in results:
+        d = r.to_json()
+        status = r.status if r.status != "diverged" else f"diverged@{r.diverged_epoch}"
+        lines.append(
+            f"{r.method:<12} {status:<14} {fmt(d['final_train_loss']):>10} {fmt(d['best_train_loss']):>10} "
+            f"{fmt(d['test_recall_error']):>10} {r.wall_s:>8.1f} {fmt(r.saved_kb, '.1f'):>9}"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a reduced run: 12 epochs, 256 hidden units")
+    p.add_argument("--out", type=Path, default=Path("hopfield-out"), help="output directory")
+    p.add_argument(
+        "--data", type=Path, default=None, help="an MNIST-format IDX directory (default: the shipped ten images)"
+    )
+    p.add_argument("--write-data", action="store_true", help="with --data: regenerate the shipped data file and exit")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 1000, --quick 12)")
+    p.add_argument(
+        "--truncation", type=int, default=20, help="T: backward steps of TBPTT/RBP/CG-RBP, terms of Neumann-RBP"
+    )
+    p.add_argument("--hidden", type=int, default=None, help="hidden units (default 1024, --quick 256)")
+    p.add_argument("--images", type=int, default=10, help="how many of the ten images to use")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.write_data:
+        if args.data is None:
+            print("--write-data needs --data DIR", file=sys.stderr)
+            return 2
+        print(f"wrote {write_data_file(args.data)}")
+        return 0
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or args.truncation < 2:
+        print(f"unknown methods {unknown} or truncation < 2", file=sys.stderr)
+        return 2
+
+    import torch
+    from tqdm.auto import tqdm
+
+    s = Settings(
+        epochs=args.epochs if args.epochs is not None else (12 if args.quick else 1000),
+        truncation=args.truncation,
+        seed=args.seed,
+        n_hidden=args.hidden if args.hidden is not None else (256 if args.quick else 1024),
+        n_images=args.images,
+    )
+    binary = load_images(args.data)[: s.n_images]
+    corrupted_np = corrupt(binary, 0.5, np.random.default_rng(s.seed + 1))
+    images = torch.from_numpy(binary.astype(np.float32))
+    corrupted = torch.from_numpy(corrupted_np.astype(np.float32))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def progress(it: Any, **kw: Any) -> Any:
+        return tqdm(it, disable=None, **kw)
+
+    start = time.perf_counter()
+    results = [train_method(m, images, corrupted, s, progress) for m in methods]
+    total = time.perf_counter() - start
+    metrics = {
+        "settings": {**s.__dict__, "quick": args.quick, "data": str(args.data) if args.data else str(DATA_FILE)},
+        "memory_measure": "backward_saved_kb: KiB of the distinct storages that autograd saves for backward in "
+        "one training step (torch.autograd.graph.saved_tensors_hooks; the largest over all steps), not counting the weight "
+        "matrix W that every method saves once",
+        "total_wall_time_s": total,
+        "methods": {r.method: r.to_json() for r in results},
+    }
+    (out / "metrics.json").write_text(json.dumps(_finite_or_null(metrics), indent=1, allow_nan=False))
+    plot(results, binary, corrupted_np, out)
+    print(table(results))
+    print(f"total {total:.1f} s; outputs in {out}")
+    failed = [r for r in results if r.status == "error"]
+    for r in failed:
+        print(f"ERROR in {r.method}: {r.reason}")
+    for r in results:
+        if r.status == "diverged":
+            print(f"{r.method} diverged at epoch {r.diverged_epoch}: {r.reason}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

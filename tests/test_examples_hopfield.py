@@ -1,0 +1,177 @@
+"""Tests of examples/hopfield.py: the hand-written JVP, the IDX loader and a smoke run of the script."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hopfield.py"
+
+
+@pytest.fixture(scope="module")
+def hopfield():
+    spec = importlib.util.spec_from_file_location("hopfield_example", EXAMPLE)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def _write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if compress else data)
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gz"])
+def test_idx_loader(hopfield, tmp_path, compress):
+    rng = np.random.default_rng(0)
+    labels = np.array([3, 1, 0, 2, 9, 4, 5, 1, 6, 7, 8, 0], dtype=np.uint8)
+    images = rng.integers(0, 256, size=(len(labels), 5, 4), dtype=np.uint8)
+    images[2, 0, 0], images[2, 0, 1] = 128, 127  # 128/255 > 0.5 >= 127/255
+    suffix = ".gz" if compress else ""
+    _write_idx(tmp_path / f"train-images-idx3-ubyte{suffix}", images, compress)
+    _write_idx(tmp_path / f"train-labels-idx1-ubyte{suffix}", labels, compress)
+
+    got_images, got_labels = hopfield.load_idx_dir(tmp_path)
+    np.testing.assert_array_equal(got_images, images)
+    np.testing.assert_array_equal(got_labels, labels)
+
+    binary, index = hopfield.first_of_each_class(got_images, got_labels)
+    np.testing.assert_array_equal(index, [2, 1, 3, 0, 5, 6, 8, 9, 10, 4])
+    np.testing.assert_array_equal(binary, (images[index] / 255.0 > 0.5).astype(np.uint8))
+    assert binary[0, 0, 0] == 1
+    assert binary[0, 0, 1] == 0
+
+    out = hopfield.write_data_file(tmp_path, tmp_path / "ten.npz")
+    np.testing.assert_array_equal(hopfield.load_data_file(out), binary.reshape(10, -1))
+
+
+def test_idx_loader_errors(hopfield, tmp_path):
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        hopfield.read_idx(tmp_path / "train-images-idx3-ubyte")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        hopfield.load_idx_dir(tmp_path / "empty")
+
+
+def test_shipped_data(hopfield):
+    assert hopfield.DATA_FILE.stat().st_size < 100_000
+    images = hopfield.load_data_file()
+    assert images.shape == (10, 784)
+    assert set(np.unique(images)) == {0, 1}
+    assert (images.sum(axis=1) > 0).all()
+
+
+@pytest.mark.parametrize("a", [1.0, 0.3])
+def test_hopfield_jvp_matches_finite_differences(hopfield, a):
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(1)
+    n, n_clamped, b = 40, 12, 0.5
+    W0 = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    W = hopfield.symmetric_weight(W0, 1.0 - torch.eye(n, dtype=torch.float64))
+    h = 2.0 * torch.randn(n, generator=gen, dtype=torch.float64)
+    v = torch.randn(n, generator=gen, dtype=torch.float64)
+    x = torch.rand(n_clamped, generator=gen, dtype=torch.float64)
+
+    def f(state):
+        return hopfield.hopfield_step(W, state, x, a, b)
+
+    eps = 1e-6
+    fd = (f(h + eps * v) - f(h - eps * v)) / (2 * eps)
+    jv = hopfield.hopfield_jvp(W, h, v, a, b, n_clamped=n_clamped)
+    assert torch.allclose(jv, fd, rtol=1e-7, atol=1e-8)
+    assert torch.equal(jv[:n_clamped], torch.zeros(n_clamped, dtype=torch.float64))
+    # both terms matter: dropping the diagonal factor sigma'(b h) or the (1 - a) term is caught
+    s = torch.sigmoid(b * h)
+    wrong = (1.0 - a) * v + W @ (s * (1.0 - s) * v)
+    assert not torch.allclose(wrong[n_clamped:], fd[n_clamped:], rtol=1e-3)
+    # and without the clamp
+    u = hopfield.hopfield_update
+    fd_free = (u(W, h + eps * v, a, b) - u(W, h - eps * v, a, b)) / (2 * eps)
+    assert torch.allclose(hopfield.hopfield_jvp(W, h, v, a, b), fd_free, rtol=1e-7, atol=1e-8)
+
+
+def test_smoke_run(hopfield, tmp_path, capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    out = tmp_path / "run"
+    argv = ["--quick", "--epochs", "2", "--hidden", "16", "--images", "3", "--truncation", "5", "--out", str(out)]
+    assert hopfield.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["methods"]) == ["BPTT", "TBPTT", "RBP", "CG-RBP", "Neumann-RBP"]
+    for name, m in metrics["methods"].items():
+        assert m["status"] in ("ok", "diverged"), (name, m["reason"])
+        assert len(m["train_curve"]) >= 1
+        assert m["wall_time_s"] > 0
+        assert m["backward_saved_kb"] is not None
+        if m["status"] == "ok":
+            assert len(m["train_curve"]) == 2
+            assert np.isfinite(m["test_recall_error"])
+            assert len(m["forward_difference_norms"]) == 50
+    # constant memory of the RBP methods, linear in the recorded steps for TBPTT
+    kb = {name: m["backward_saved_kb"] for name, m in metrics["methods"].items()}
+    assert kb["Neumann-RBP"] < kb["TBPTT"]
+    for png in ("loss_curves.png", "forward_difference.png", "recall.png"):
+        assert (out / png).stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "Neumann-RBP" in printed
+    assert "recall err" in printed
+
+
+def _small_run(hopfield, out: Path, methods: str) -> tuple[int, dict]:
+    argv = ["--epochs", "2", "--hidden", "16", "--images", "2", "--truncation", "5", "--methods", methods]
+    rc = hopfield.main([*argv, "--out", str(out)])
+    return rc, json.loads((out / "metrics.json").read_text())
+
+
+def test_divergence_is_a_result_and_a_bug_is_not(hopfield, tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    import rbp_core
+
+    class Amplified:
+        """Original RBP on 1000 J^T: its iteration blows up, as the paper's original RBP does."""
+
+        needs_jvp = False
+        supports_warm_start = False
+
+        def solve(self, vjp, g, *, jvp=None, z0=None, contraction=None, throw=True):
+            return rbp_core.original_rbp(lambda v: 1000.0 * vjp(v), g, max_iter=20, throw=throw)
+
+    class Broken(Amplified):
+        def solve(self, vjp, g, **kwargs):
+            msg = "a bug in a backward method"
+            raise RuntimeError(msg)
+
+    original = hopfield.backward_method
+    monkeypatch.setattr(
+        hopfield, "backward_method", lambda name, T: Amplified() if name == "RBP" else original(name, T)
+    )
+    rc, metrics = _small_run(hopfield, tmp_path / "diverged", "RBP,Neumann-RBP")
+    assert rc == 0
+    rbp = metrics["methods"]["RBP"]
+    assert rbp["status"] == "diverged"
+    assert rbp["diverged_epoch"] == 1
+    assert "backward solve" in rbp["reason"]
+    assert metrics["methods"]["Neumann-RBP"]["status"] == "ok"
+
+    monkeypatch.setattr(hopfield, "backward_method", lambda name, T: Broken() if name == "RBP" else original(name, T))
+    rc, metrics = _small_run(hopfield, tmp_path / "broken", "RBP,Neumann-RBP")
+    assert rc == 1
+    assert metrics["methods"]["RBP"]["status"] == "error"
+    assert "a bug in a backward method" in metrics["methods"]["RBP"]["reason"]
+    assert metrics["methods"]["Neumann-RBP"]["status"] == "ok"
