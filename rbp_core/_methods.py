@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Protocol, runtime_checkable
 
-from ._arrays import Array, check_contraction, check_int, check_nonnegative
+from ._arrays import Array, check_int, check_nonnegative
 from ._cg import cg_rbp
 from ._defaults import DEFAULT_DIVERGENCE_FACTOR, DEFAULT_MAX_ITER, check_divergence_factor
 from ._fixed_point import check_damping, fixed_point
@@ -215,7 +215,6 @@ class FixedPointIteration:
         throw: bool = True,
     ) -> Solution:
         """Run :func:`~rbp_core.fixed_point` with these settings."""
-        check_contraction(contraction)
         return fixed_point(
             f,
             h0,
