@@ -67,7 +67,6 @@ Run: ``python examples/hopfield.py [--quick] [--out DIR] [--data DIR] [--epochs 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import sys
@@ -76,61 +75,26 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (
+    METHODS,
+    Diverged,
+    SavedBytes,
+    finite_or_null,
+    load_idx_dir,
+    read_idx,  # noqa: F401 - part of this script's interface (the tests use it)
+)
+
 HERE = Path(__file__).resolve().parent
 DATA_FILE = HERE / "data" / "fashion_mnist_first10.npz"
-METHODS = ("BPTT", "TBPTT", "RBP", "CG-RBP", "Neumann-RBP")
 N_VISIBLE = 784
 
 
 # --- data ---------------------------------------------------------------------------------------
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def read_idx(path: str | Path) -> np.ndarray:
-    """Read one IDX file (plain or gzip-compressed, told apart by the gzip magic bytes)."""
-    raw = Path(path).read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        msg = f"{path}: not an IDX file (magic bytes {raw[:4]!r})"
-        raise ValueError(msg)
-    ndim = raw[3]
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    offset = 4 + 4 * ndim
-    count = math.prod(dims)
-    if len(raw) - offset != count * dtype.itemsize:
-        msg = f"{path}: header says {dims} ({count * dtype.itemsize} bytes), the file holds {len(raw) - offset}"
-        raise ValueError(msg)
-    return np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(dims)
-
-
-def _find_idx(directory: Path, stem: str) -> Path:
-    for name in (stem, stem + ".gz"):
-        if (directory / name).is_file():
-            return directory / name
-    msg = f"{directory}: neither {stem} nor {stem}.gz found"
-    raise FileNotFoundError(msg)
-
-
-def load_idx_dir(directory: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """The training images (N, rows, cols) uint8 and labels (N,) of an MNIST-format IDX directory.
-
-    Reads ``train-images-idx3-ubyte`` and ``train-labels-idx1-ubyte``, each plain or with ``.gz``.
-    """
-    d = Path(directory)
-    images = read_idx(_find_idx(d, "train-images-idx3-ubyte"))
-    labels = read_idx(_find_idx(d, "train-labels-idx1-ubyte"))
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        msg = f"{d}: images of shape {images.shape} do not match labels of shape {labels.shape}"
-        raise ValueError(msg)
-    return images, labels
-
-
 def first_of_each_class(images: np.ndarray, labels: np.ndarray, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """The first image of each class 0..num_classes-1, binarised at > 0.5 after scaling to [0, 1].
 
@@ -297,36 +261,6 @@ def backward_method(name: str, T: int) -> Any:
     }[name]()
 
 
-class _SavedBytes:
-    """Bytes of the distinct storages autograd saves for backward while active."""
-
-    def __init__(self, exclude: Any = None) -> None:
-        import torch
-
-        self.seen: set[int] = set() if exclude is None else {exclude.untyped_storage().data_ptr()}
-        self.total = 0
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    def _pack(self, t: Any) -> Any:
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key not in self.seen:
-            self.seen.add(key)
-            self.total += storage.nbytes()
-        return t
-
-    def __enter__(self) -> Self:
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._ctx.__exit__(*exc)
-
-
-class Diverged(Exception):  # noqa: N818 - a result, not an error
-    """A method's training blew up: a legitimate result, recorded, not a bug."""
-
-
 def run_forward(W: Any, x: Any, n: int, s: Settings) -> tuple[Any, list[float]]:
     """50 plain updates without autograd, with the difference norms ||h_t - h_{t-1}||."""
     import torch
@@ -366,7 +300,7 @@ def train_method(name: str, images: Any, corrupted: Any, s: Settings, progress: 
                 x = images[i]
                 h0 = torch.cat([x, torch.zeros(n - x.shape[0])])
                 W = symmetric_weight(W0, mask)
-                meter = _SavedBytes(exclude=W)
+                meter = SavedBytes(exclude=(W,))
                 with meter:
                     h, info = fixed_point(
                         lambda h, W=W, x=x: hopfield_step(W, h, x, s.a, s.b),
@@ -490,17 +424,6 @@ def plot(results: Sequence[Result], images: np.ndarray, corrupted: np.ndarray, o
     plt.close(fig)
 
 
-def _finite_or_null(obj: Any) -> Any:
-    """NaN and infinities become null: metrics.json stays standard JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite_or_null(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite_or_null(v) for v in obj]
-    return obj
-
-
 def table(results: Sequence[Result]) -> str:
     def fmt(v: float | None, spec: str = ".4f") -> str:
         return "-" if v is None else format(v, spec)
@@ -582,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "total_wall_time_s": total,
         "methods": {r.method: r.to_json() for r in results},
     }
-    (out / "metrics.json").write_text(json.dumps(_finite_or_null(metrics), indent=1, allow_nan=False))
+    (out / "metrics.json").write_text(json.dumps(finite_or_null(metrics), indent=1, allow_nan=False))
     plot(results, binary, corrupted_np, out)
     print(table(results))
     print(f"total {total:.1f} s; outputs in {out}")

@@ -1,0 +1,136 @@
+"""Small helpers shared by the example scripts: IDX files, saved-tensor memory, JSON and progress bars.
+
+The scripts put their own folder on ``sys.path`` (``python examples/NAME.py`` does this by itself) and
+``import _common``. Nothing here is part of the library.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+
+METHODS = ("BPTT", "TBPTT", "RBP", "CG-RBP", "Neumann-RBP")
+
+# --- IDX files (MNIST format) --------------------------------------------------------------------
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read one IDX file (plain or gzip-compressed, told apart by the gzip magic bytes)."""
+    raw = Path(path).read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        msg = f"{path}: not an IDX file (magic bytes {raw[:4]!r})"
+        raise ValueError(msg)
+    ndim = raw[3]
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    offset = 4 + 4 * ndim
+    count = math.prod(dims)
+    if len(raw) - offset != count * dtype.itemsize:
+        msg = f"{path}: header says {dims} ({count * dtype.itemsize} bytes), the file holds {len(raw) - offset}"
+        raise ValueError(msg)
+    return np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(dims)
+
+
+def _find_idx(directory: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (directory / name).is_file():
+            return directory / name
+    msg = f"{directory}: neither {stem} nor {stem}.gz found"
+    raise FileNotFoundError(msg)
+
+
+def load_idx_dir(directory: str | Path, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """The images (N, rows, cols) uint8 and labels (N,) of one split of an MNIST-format IDX directory.
+
+    ``split="train"`` reads ``train-images-idx3-ubyte`` and ``train-labels-idx1-ubyte``; ``split="t10k"``
+    the test files. Each may be plain or have ``.gz``.
+    """
+    d = Path(directory)
+    images = read_idx(_find_idx(d, f"{split}-images-idx3-ubyte"))
+    labels = read_idx(_find_idx(d, f"{split}-labels-idx1-ubyte"))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        msg = f"{d}: images of shape {images.shape} do not match labels of shape {labels.shape}"
+        raise ValueError(msg)
+    return images, labels
+
+
+# --- memory --------------------------------------------------------------------------------------
+class SavedBytes:
+    """Bytes of the distinct storages autograd saves for backward while active.
+
+    ``exclude``: tensors whose storage is not counted (for example a weight that every method saves
+    once). Counted with ``torch.autograd.graph.saved_tensors_hooks``; CPU or CUDA alike.
+    """
+
+    def __init__(self, exclude: Iterable[Any] = ()) -> None:
+        import torch
+
+        self.seen: set[int] = {t.untyped_storage().data_ptr() for t in exclude}
+        self.total = 0
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: Any) -> Any:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in self.seen:
+            self.seen.add(key)
+            self.total += storage.nbytes()
+        return t
+
+    def __enter__(self) -> Self:
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._ctx.__exit__(*exc)
+
+
+class Diverged(Exception):  # noqa: N818 - a result, not an error
+    """A method's training blew up: a legitimate result, recorded, not a bug."""
+
+
+# --- output --------------------------------------------------------------------------------------
+def finite_or_null(obj: Any) -> Any:
+    """NaN and infinities become null: metrics.json stays standard JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_or_null(v) for v in obj]
+    return obj
+
+
+def parse_methods(text: str) -> list[str]:
+    """A comma-separated subset of :data:`METHODS`; unknown names raise ``ValueError``."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        msg = f"unknown methods {unknown}; choose from {', '.join(METHODS)}"
+        raise ValueError(msg)
+    return methods
+
+
+def progress(it: Iterable[Any], **kw: Any) -> Any:
+    """A tqdm progress bar (shown on a terminal, silent when output is not a terminal)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(it, disable=None, **kw)
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain text table, columns right-aligned except the first."""
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    lines = []
+    for row in (header, *rows):
+        cells = [str(row[0]).ljust(widths[0])] + [str(c).rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
