@@ -6,6 +6,7 @@ virtualenv backend is used because uv does not see locally provided wheels.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -103,6 +104,19 @@ def bench(session: nox.Session) -> None:
     _install(session, "-e", ".", "numpy>=1.26", "scipy>=1.11", "torch", "torchdeq", "torchopt")
     session.run("python", "benchmarks/bench_core.py", *session.posargs)
     session.run("python", "benchmarks/bench_torch.py")
+
+
+@nox.session
+def gpu(session: nox.Session) -> None:
+    """The GPU check on a machine with a CUDA device: CuPy and CUDA-torch tests, then the GPU benchmarks.
+
+    Runs benchmarks/gpu_check.py with everything installed here (CuPy from ``RBP_CUPY``, default
+    ``cupy-cuda12x``; torch as pinned in constraints.txt). On a GPU machine without nox or network,
+    run ``python3 benchmarks/gpu_check.py`` directly (see its docstring).
+    """
+    cupy_pkg = os.environ.get("RBP_CUPY", "cupy-cuda12x")
+    _install(session, "-e", ".", *TEST_DEPS, "torch", cupy_pkg)
+    session.run("python", "benchmarks/gpu_check.py", "--installed", *session.posargs)
 
 
 @nox.session

@@ -181,14 +181,17 @@ def hopfield_jvp(W: Any, h: Any, v: Any, a: float, b: float, n_clamped: int = 0)
     return jv
 
 
-def make_model(n_hidden: int, seed: int, std: float = 1e-3) -> tuple[Any, Any]:
-    """``W0`` (a trainable parameter, N(0, std^2)) and the off-diagonal mask of a network with ``n_hidden`` units."""
+def make_model(n_hidden: int, seed: int, std: float = 1e-3, device: str = "cpu") -> tuple[Any, Any]:
+    """``W0`` (a trainable parameter, N(0, std^2)) and the off-diagonal mask of a network with ``n_hidden`` units.
+
+    The weights are drawn on the CPU, so every device starts from the same ``W0`` for a seed.
+    """
     import torch
 
     n = 2 * N_VISIBLE + n_hidden
     gen = torch.Generator().manual_seed(seed)
-    W0 = torch.nn.Parameter(std * torch.randn(n, n, generator=gen))
-    mask = 1.0 - torch.eye(n)
+    W0 = torch.nn.Parameter((std * torch.randn(n, n, generator=gen)).to(device))
+    mask = 1.0 - torch.eye(n, device=device)
     return W0, mask
 
 
@@ -209,6 +212,7 @@ class Settings:
     a: float = 1.0
     b: float = 0.5
     lr: float = 1e-3
+    time_limit: float | None = None  # seconds per method; training stops at the first epoch boundary past it
 
 
 @dataclass
@@ -225,11 +229,15 @@ class Result:
     backward_statuses: dict[str, int] = field(default_factory=dict)
     forward_difference: list[float] = field(default_factory=list)
     recalled: Any = None
+    forward_summary: dict[str, Any] | None = None  # set by merge_runs: min/max/mean of forward_steps
+    stopped_by_time_limit: bool = False
 
     def to_json(self) -> dict[str, Any]:
         finite = [c for c in self.curve if math.isfinite(c)]
         return {
             "status": self.status,
+            "epochs_completed": len(self.curve),
+            "stopped_by_time_limit": self.stopped_by_time_limit,
             "diverged_epoch": self.diverged_epoch,
             "reason": self.reason,
             "final_train_loss": self.curve[-1] if self.curve else None,
@@ -237,7 +245,8 @@ class Result:
             "test_recall_error": self.test_error,
             "wall_time_s": self.wall_s,
             "backward_saved_kb": self.saved_kb,
-            "forward_updates": {
+            "forward_updates": self.forward_summary
+            or {
                 "min": min(self.forward_steps, default=None),
                 "max": max(self.forward_steps, default=None),
                 "mean": float(np.mean(self.forward_steps)) if self.forward_steps else None,
@@ -265,7 +274,7 @@ def run_forward(W: Any, x: Any, n: int, s: Settings) -> tuple[Any, list[float]]:
     """50 plain updates without autograd, with the difference norms ||h_t - h_{t-1}||."""
     import torch
 
-    h = torch.cat([x, torch.zeros(n - x.shape[0])])
+    h = torch.cat([x, x.new_zeros(n - x.shape[0])])
     norms = []
     with torch.no_grad():
         for _ in range(s.updates):
@@ -283,7 +292,7 @@ def train_method(name: str, images: Any, corrupted: Any, s: Settings, progress: 
 
     res = Result(name)
     torch.manual_seed(s.seed)
-    W0, mask = make_model(s.n_hidden, s.seed)
+    W0, mask = make_model(s.n_hidden, s.seed, device=str(images.device))
     n = W0.shape[0]
     opt = torch.optim.Adam([W0], lr=s.lr)
     method = backward_method(name, s.truncation)
@@ -298,7 +307,7 @@ def train_method(name: str, images: Any, corrupted: Any, s: Settings, progress: 
             total = 0.0
             for i in order_rng.permutation(len(images)):
                 x = images[i]
-                h0 = torch.cat([x, torch.zeros(n - x.shape[0])])
+                h0 = torch.cat([x, x.new_zeros(n - x.shape[0])])
                 W = symmetric_weight(W0, mask)
                 meter = SavedBytes(exclude=(W,))
                 with meter:
@@ -342,6 +351,9 @@ def train_method(name: str, images: Any, corrupted: Any, s: Settings, progress: 
             res.curve.append(total / len(images))
             if hasattr(epochs, "set_postfix"):
                 epochs.set_postfix(loss=f"{res.curve[-1]:.4f}")
+            if s.time_limit is not None and time.perf_counter() - start > s.time_limit and epoch + 1 < s.epochs:
+                res.stopped_by_time_limit = True
+                break
     except Diverged as err:
         res.status, res.diverged_epoch, res.reason = "diverged", current_epoch + 1, str(err)
     except Exception as err:  # noqa: BLE001 - a bug: reported with its traceback, the script exits non-zero
@@ -361,7 +373,7 @@ def train_method(name: str, images: Any, corrupted: Any, s: Settings, progress: 
             h, _ = run_forward(W, xc, n, s)
             out = h[n - N_VISIBLE :]
             errors.append(float((out - x).abs().mean()))
-            recalled.append(out.numpy().copy())
+            recalled.append(out.cpu().numpy().copy())
             diffs.append(run_forward(W, x, n, s)[1])
         res.test_error = float(np.mean(errors)) if all(math.isfinite(e) for e in errors) else math.nan
         res.recalled = np.array(recalled)
@@ -434,6 +446,8 @@ def table(results: Sequence[Result]) -> str:
     for r in results:
         d = r.to_json()
         status = r.status if r.status != "diverged" else f"diverged@{r.diverged_epoch}"
+        if r.stopped_by_time_limit:
+            status += f" (t@{len(r.curve)})"
         lines.append(
             f"{r.method:<12} {status:<14} {fmt(d['final_train_loss']):>10} {fmt(d['best_train_loss']):>10} "
             f"{fmt(d['test_recall_error']):>10} {r.wall_s:>8.1f} {fmt(r.saved_kb, '.1f'):>9}"
@@ -457,11 +471,93 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=10, help="how many of the ten images to use")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        metavar="S",
+        help="stop each method's training at the first epoch boundary after S seconds (recorded in metrics.json)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="combine the outputs of runs of single methods (same settings otherwise) into --out, and exit",
+    )
     return p.parse_args(argv)
+
+
+def write_outputs(
+    metrics: dict[str, Any], results: Sequence[Result], binary: np.ndarray, corrupted: np.ndarray, out: Path
+) -> None:
+    """metrics.json, the plots, and recalled.npz (the images, for :func:`merge_runs`)."""
+    (out / "metrics.json").write_text(json.dumps(finite_or_null(metrics), indent=1, allow_nan=False))
+    arrays = {f"recalled_{r.method}": r.recalled for r in results if r.recalled is not None}
+    np.savez_compressed(out / "recalled.npz", clean=binary, corrupted=corrupted, **arrays)
+    plot(results, binary, corrupted, out)
+
+
+def merge_runs(dirs: Sequence[Path], out: Path) -> list[Result]:
+    """Combine runs of single methods (e.g. run side by side on one GPU) into one output, as one run would write it.
+
+    The runs must have the same settings; the merged metrics.json lists the methods in the usual order and
+    records the sum of the runs' wall times.
+    """
+    runs = [json.loads((d / "metrics.json").read_text()) for d in dirs]
+    settings = runs[0]["settings"]
+    for d, run in zip(dirs, runs, strict=True):
+        if run["settings"] != settings:
+            msg = f"{d}: settings {run['settings']} differ from {dirs[0]}: {settings}"
+            raise ValueError(msg)
+    results: dict[str, Result] = {}
+    binary = corrupted = None
+    for d, run in zip(dirs, runs, strict=True):
+        with np.load(d / "recalled.npz") as z:
+            binary, corrupted = z["clean"], z["corrupted"]
+            recalled = {k.removeprefix("recalled_"): z[k] for k in z.files if k.startswith("recalled_")}
+        for name, m in run["methods"].items():
+            if name in results:
+                msg = f"{name} appears in more than one run"
+                raise ValueError(msg)
+            fwd = m["forward_updates"]
+            results[name] = Result(
+                name,
+                status=m["status"],
+                diverged_epoch=m["diverged_epoch"],
+                reason=m["reason"],
+                curve=[math.nan if v is None else v for v in m["train_curve"]],
+                test_error=m["test_recall_error"],
+                wall_s=m["wall_time_s"],
+                saved_kb=m["backward_saved_kb"],
+                forward_summary=fwd,
+                stopped_by_time_limit=m.get("stopped_by_time_limit", False),
+                backward_statuses=m["backward_statuses"],
+                forward_difference=m["forward_difference_norms"],
+                recalled=recalled.get(name),
+            )
+    ordered = [results[m] for m in METHODS if m in results]
+    assert binary is not None
+    assert corrupted is not None
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {
+        **{k: v for k, v in runs[0].items() if k not in ("methods", "total_wall_time_s")},
+        "merged_from": [str(d) for d in dirs],
+        "total_wall_time_s": sum(r["total_wall_time_s"] for r in runs),
+        "methods": {r.method: r.to_json() for r in ordered},
+    }
+    write_outputs(metrics, ordered, binary, corrupted, out)
+    return ordered
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        merged = merge_runs(args.merge, Path(args.out))
+        print(table(merged))
+        return 0
     if args.write_data:
         if args.data is None:
             print("--write-data needs --data DIR", file=sys.stderr)
@@ -483,11 +579,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         n_hidden=args.hidden if args.hidden is not None else (256 if args.quick else 1024),
         n_images=args.images,
+        time_limit=args.time_limit,
     )
     binary = load_images(args.data)[: s.n_images]
     corrupted_np = corrupt(binary, 0.5, np.random.default_rng(s.seed + 1))
-    images = torch.from_numpy(binary.astype(np.float32))
-    corrupted = torch.from_numpy(corrupted_np.astype(np.float32))
+    images = torch.from_numpy(binary.astype(np.float32)).to(args.device)
+    corrupted = torch.from_numpy(corrupted_np.astype(np.float32)).to(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -505,8 +602,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "total_wall_time_s": total,
         "methods": {r.method: r.to_json() for r in results},
     }
-    (out / "metrics.json").write_text(json.dumps(finite_or_null(metrics), indent=1, allow_nan=False))
-    plot(results, binary, corrupted_np, out)
+    if args.device != "cpu":
+        metrics["settings"]["device"] = args.device
+    write_outputs(metrics, results, binary, corrupted_np, out)
     print(table(results))
     print(f"total {total:.1f} s; outputs in {out}")
     failed = [r for r in results if r.status == "error"]

@@ -13,11 +13,11 @@ from ._arrays import (
     namespace_of,
     norm,
     same_kind,
-    sqnorm,
 )
 from ._defaults import DEFAULT_MAX_ITER, resolve_tol
 from ._monitor import adjoint_monitor, nonfinite_input
 from ._solution import Solution, Status
+from ._vector import norm_from_sq, vector_ops
 
 __all__ = ["cg_rbp"]
 
@@ -109,36 +109,33 @@ def cg_rbp(
             mon.history.append(rnorm)
             return mon.finish(xp.asarray(z0, copy=True), Status.NONFINITE, num_vjp=op.calls, throw=throw)
 
+    ops = vector_ops(xp)
     status: Status | None = Status.SUCCESS if rnorm <= tol * gnorm else None
     if status is None:
-        s = r - op_t(r)  # A^T r
-        gamma = sqnorm(xp, s)
+        s, gamma = ops.sub_sq(r, op_t(r))  # A^T r = r - J r and ||A^T r||^2
         p = s
         if mu is not None:  # J r = r - s: one more lower bound on ||J|| = ||J^T||
             mon.check_ratio(norm(xp, r - s), rnorm)
+    # gamma and delta stay on the arrays' device (0-d arrays): the residual norm is the only
+    # value each iteration brings to the host.
     while status is None:
-        q = p - op(p)  # A p
-        delta = norm(xp, q) ** 2
-        if not math.isfinite(delta):
-            status = mon.observe(math.nan)
-            break
-        if delta == 0.0:
+        q, delta = ops.sub_sq(p, op(p))  # A p and ||A p||^2
+        z_new, r_new, rho = ops.cg_update(z, p, r, q, gamma, delta)  # alpha = gamma / delta
+        rnorm_new = norm_from_sq(xp, rho, r_new)
+        if not math.isfinite(rnorm_new) and float(delta) == 0.0:
+            # (I - J^T) p = 0 for a search direction p != 0: the system is singular.
             mon.history.append(rnorm)
             status = Status.BREAKDOWN
             break
-        alpha = gamma / delta
-        z_new = z + alpha * p
-        r = r - alpha * q
-        rnorm = norm(xp, r)
+        r, rnorm = r_new, rnorm_new
         status = mon.observe(rnorm)
         if status is Status.NONFINITE:
             break
         z = z_new
         if status is not None:
             break
-        s = r - op_t(r)
-        gamma_new = sqnorm(xp, s)
-        p = s + (gamma_new / gamma) * p
+        s, gamma_new = ops.sub_sq(r, op_t(r))
+        p = ops.xpby(s, p, gamma_new, gamma)
         gamma = gamma_new
 
     assert status is not None  # the loop only ends with a status

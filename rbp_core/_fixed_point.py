@@ -10,6 +10,7 @@ from ._arrays import Array, CheckedCallback, check_contraction, check_int, check
 from ._defaults import DEFAULT_DIVERGENCE_FACTOR, DEFAULT_MAX_ITER, check_divergence_factor, resolve_tol
 from ._monitor import Monitor, nonfinite_input
 from ._solution import Solution, Status
+from ._vector import norm_from_sq, vector_ops
 
 __all__ = ["fixed_point"]
 
@@ -106,14 +107,16 @@ def fixed_point(
     if not math.isfinite(hnorm):
         return nonfinite_input(mon, xp, h0, hnorm, throw=throw)
 
+    ops = vector_ops(xp)
     h = h0
     dnorm = math.inf
     status: Status | None = None
     while status is None:
         fh = op(h)
         h_new = fh if beta == 1.0 else (1.0 - beta) * h + beta * fh
-        dnorm = norm(xp, h_new - h)
-        hnorm = norm(xp, h_new)
+        dsq, hsq = ops.step_sqs(h_new, h)  # one host transfer for both where the backend fuses them
+        dnorm = norm_from_sq(xp, dsq, h_new, h)
+        hnorm = norm_from_sq(xp, hsq, h_new)
         threshold = max(tol * hnorm, atol)
         mon.slack = root_eps * hnorm
         status = mon.observe(dnorm if math.isfinite(hnorm) else math.nan, threshold)

@@ -9,6 +9,7 @@ from ._arrays import Array, CheckedCallback, check_contraction, check_int, names
 from ._defaults import DEFAULT_DIVERGENCE_FACTOR, check_divergence_factor
 from ._monitor import adjoint_monitor, nonfinite_input
 from ._solution import Solution, Status
+from ._vector import norm_from_sq, vector_ops
 
 __all__ = ["neumann_rbp"]
 
@@ -94,18 +95,20 @@ def neumann_rbp(
         return nonfinite_input(mon, xp, g, gnorm, throw=throw)
 
     mon.best = gnorm  # the zeroth term counts for the divergence test
+    ops = vector_ops(xp)
     z = g
     v = g
     vnorm = gnorm
     status = Status.SUCCESS
     for _ in range(steps):
         v = op(v)
-        vnorm = norm(xp, v)
+        z_new, sq = ops.add_sq(z, v)  # z + v and ||v||^2, one pass where the backend fuses them
+        vnorm = norm_from_sq(xp, sq, v)
         done = mon.observe(vnorm)
         if done is Status.NONFINITE:
             status = done
             break
-        z = z + v
+        z = z_new
         if done is not None:
             status = done
             break

@@ -9,6 +9,7 @@ from ._arrays import Array, CheckedCallback, check_contraction, check_int, names
 from ._defaults import DEFAULT_DIVERGENCE_FACTOR, DEFAULT_MAX_ITER, check_divergence_factor, resolve_tol
 from ._monitor import adjoint_monitor, nonfinite_input
 from ._solution import Solution, Status
+from ._vector import norm_from_sq, vector_ops
 
 __all__ = ["original_rbp"]
 
@@ -100,9 +101,10 @@ def original_rbp(
         same_kind(xp, z0, g, "z0")
         z = z0
         status = None
+    ops = vector_ops(xp)
     while status is None:
-        z_new = op(z) + g
-        rnorm = norm(xp, z_new - z)
+        z_new, sq = ops.add_diff_sq(op(z), g, z)  # J^T z + g and ||z_new - z||^2, fused where possible
+        rnorm = norm_from_sq(xp, sq, z_new, z)
         status = mon.observe(rnorm)
         if status is Status.NONFINITE:
             break
