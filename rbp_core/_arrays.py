@@ -88,10 +88,39 @@ def norm(xp: Any, x: Array) -> float:
         # Slow path, taken only on overflow, underflow or non-finite input.
         if not bool(xp.all(xp.isfinite(x))):
             return math.nan if math.isnan(s) else math.inf
-        scale = float(xp.max(xp.abs(x))) if x.ndim > 0 else abs(float(x))
-        if scale == 0.0:
-            return 0.0
-        return scale * math.sqrt(float(sqnorm(xp, x / scale)))
+        return _scaled_norm(xp, flat)
+
+
+def _scaled_norm(xp: Any, flat: Array) -> float:
+    """The norm of a finite 1-d array whose plain sum of squares overflowed or underflowed.
+
+    Narrower dtypes are widened to float64, whose range holds every square of a
+    float32 (or float16) value. A float64 array is scaled by a power of two,
+    which is exact, so that its largest entry lies in [0.5, 1). Scaling never
+    divides by the array's (possibly subnormal) maximum: some backends divide by
+    multiplying with the reciprocal, which overflows for a subnormal divisor (as
+    PyTorch's CUDA kernels do).
+    """
+    if xp.finfo(flat.dtype).bits < 64:
+        wide = xp.astype(flat, xp.float64)
+        return math.sqrt(float(wide @ wide))
+    scale = float(xp.max(xp.abs(flat)))
+    if scale == 0.0:
+        return 0.0
+    e = math.frexp(scale)[1]  # scale = m 2^e with 0.5 <= m < 1
+    # Two exact steps where 2^-e alone is not a normal float64 (and could be flushed to zero).
+    y = flat
+    if e < -900:
+        y, shift = y * 2.0**600, e + 600
+    elif e > 900:
+        y, shift = y * 2.0**-600, e - 600
+    else:
+        shift = e
+    y = y * 2.0**-shift  # = flat * 2^-e
+    try:
+        return math.ldexp(math.sqrt(float(y @ y)), e)
+    except OverflowError:  # the norm itself exceeds the largest float64
+        return math.inf
 
 
 class CheckedCallback:

@@ -119,3 +119,26 @@ def test_norm_survives_overflow_and_underflow(backend) -> None:
     tiny = backend.asarray(np.full(4, 1e-200), "float64")  # squares underflow to zero
     assert norm(backend.xp, tiny) == pytest.approx(2e-200, rel=1e-12)
     assert np.isnan(norm(backend.xp, backend.asarray([np.nan, 1.0])))
+    # Subnormal entries: scaling must not divide by the subnormal maximum (PyTorch's CUDA kernels divide
+    # through the reciprocal, which overflows), nor lose the tail of a long geometric series.
+    sub32 = backend.asarray([1e-40, -3e-41, 0.0], "float32")
+    want32 = float(np.hypot(np.float64(np.float32(1e-40)), np.float64(np.float32(3e-41))))
+    assert norm(backend.xp, sub32) == pytest.approx(want32, rel=1e-6)
+    sub64 = backend.asarray([1e-310, 2e-310], "float64")
+    assert norm(backend.xp, sub64) == pytest.approx(5**0.5 * 1e-310, rel=1e-6)
+    assert norm(backend.xp, backend.asarray([5e-324], "float64")) == 5e-324
+    huge = backend.asarray([1e300, 1e300], "float64")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "overflow encountered", RuntimeWarning)
+        assert norm(backend.xp, huge) == pytest.approx(2**0.5 * 1e300, rel=1e-12)
+        assert norm(backend.xp, backend.asarray(np.full(4, 1e308), "float64")) == np.inf
+
+
+def test_neumann_series_into_the_subnormal_range(backend, dtype) -> None:
+    # J = 0.05: the terms 0.05^t g fall below the smallest normal float32 after ~29 steps and
+    # underflow to zero later; the solve must end cleanly, never report a non-finite value.
+    g = backend.asarray(np.ones(3), dtype)
+    sol = rbp_core.neumann_rbp(lambda v: 0.05 * v, g, steps=300)
+    assert sol.status is rbp_core.Status.SUCCESS
+    assert all(np.isfinite(sol.residual_norms))
+    np.testing.assert_allclose(backend.to_numpy(sol.value), np.full(3, 1 / 0.95), rtol=1e-6)
