@@ -175,3 +175,44 @@ def test_divergence_is_a_result_and_a_bug_is_not(hopfield, tmp_path, monkeypatch
     assert metrics["methods"]["RBP"]["status"] == "error"
     assert "a bug in a backward method" in metrics["methods"]["RBP"]["reason"]
     assert metrics["methods"]["Neumann-RBP"]["status"] == "ok"
+
+
+def test_merge_of_single_method_runs_equals_one_run(hopfield, tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    rc, both = _small_run(hopfield, tmp_path / "both", "BPTT,Neumann-RBP")
+    assert rc == 0
+    for m in ("Neumann-RBP", "BPTT"):
+        assert _small_run(hopfield, tmp_path / m, m)[0] == 0
+    assert (
+        hopfield.main(["--merge", str(tmp_path / "Neumann-RBP"), str(tmp_path / "BPTT"), "--out", str(tmp_path / "m")])
+        == 0
+    )
+    merged = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert list(merged["methods"]) == ["BPTT", "Neumann-RBP"]  # the usual order, whatever the order given
+    for name, m in merged["methods"].items():
+        ref = both["methods"][name]
+        # same seeds: the same training, whether the methods run in one process or in two
+        np.testing.assert_allclose(m["train_curve"], ref["train_curve"], rtol=1e-6)
+        assert m["forward_updates"] == ref["forward_updates"]
+        assert m["backward_saved_kb"] == ref["backward_saved_kb"]
+    for png in ("loss_curves.png", "forward_difference.png", "recall.png"):
+        assert (tmp_path / "m" / png).stat().st_size > 1000
+    # runs with different settings are refused
+    argv = ["--epochs", "1", "--hidden", "16", "--images", "2", "--truncation", "6", "--methods", "RBP"]
+    assert hopfield.main([*argv, "--out", str(tmp_path / "other")]) == 0
+    with pytest.raises(ValueError, match="settings"):
+        hopfield.merge_runs([tmp_path / "BPTT", tmp_path / "other"], tmp_path / "bad")
+
+
+def test_time_limit_stops_at_an_epoch_boundary(hopfield, tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    argv = ["--epochs", "50", "--hidden", "16", "--images", "2", "--truncation", "5", "--methods", "Neumann-RBP"]
+    assert hopfield.main([*argv, "--time-limit", "0", "--out", str(tmp_path)]) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())["methods"]["Neumann-RBP"]
+    assert m["stopped_by_time_limit"] is True
+    assert m["epochs_completed"] == len(m["train_curve"]) == 1
+    assert np.isfinite(m["test_recall_error"])
