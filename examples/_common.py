@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gzip
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -134,3 +134,39 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         cells = [str(row[0]).ljust(widths[0])] + [str(c).rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
         lines.append("  ".join(cells))
     return "\n".join(lines)
+
+
+# --- methods and outcomes ------------------------------------------------------------------------
+def backward_method(name: str, T: int) -> Any:
+    """The ``backward=`` argument of ``rbp_core.backends.torch.fixed_point`` for method ``name``, truncation ``T``.
+
+    The truncation convention of all the experiments: T backward terms. TBPTT(steps=T) records T
+    updates; original RBP and CG-RBP stop after at most T iterations (original RBP starts from
+    z_0 = 0, so z_1 = g costs no VJP and T iterations sum T terms); Neumann(steps=T - 1) makes T - 1
+    VJPs, the T terms g, J^T g, ..., (J^T)^(T-1) g, which equals TBPTT(steps=T) at an exact fixed point.
+    """
+    import rbp_core
+    from rbp_core.backends.torch import BPTT, TBPTT
+
+    makers: dict[str, Callable[[], Any]] = {
+        "BPTT": BPTT,
+        "TBPTT": lambda: TBPTT(steps=T),
+        "RBP": lambda: rbp_core.OriginalRBP(max_iter=T),
+        "CG-RBP": lambda: rbp_core.CGRBP(max_iter=T),
+        "Neumann-RBP": lambda: rbp_core.Neumann(steps=T - 1),
+    }
+    return makers[name]()
+
+
+def report_outcomes(results: Sequence[Any], where: Callable[[Any], str]) -> int:
+    """Print each method that failed with an error or diverged (``where(r)``: when); the exit status.
+
+    A divergence is a result of the experiment; an error is a bug: status 1.
+    """
+    failed = [r for r in results if r.status == "error"]
+    for r in failed:
+        print(f"ERROR in {r.method}: {r.reason}")
+    for r in results:
+        if r.status == "diverged":
+            print(f"{r.method} diverged at {where(r)}: {r.reason}")
+    return 1 if failed else 0

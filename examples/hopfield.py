@@ -92,9 +92,11 @@ from _common import (
     METHODS,
     Diverged,
     SavedBytes,
+    backward_method,
     finite_or_null,
     load_idx_dir,
     read_idx,  # noqa: F401 - part of this script's interface (the tests use it)
+    report_outcomes,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -263,19 +265,6 @@ class Result:
             "train_curve": self.curve,
             "forward_difference_norms": self.forward_difference,
         }
-
-
-def backward_method(name: str, T: int) -> Any:
-    import rbp_core
-    from rbp_core.backends.torch import BPTT, TBPTT
-
-    return {
-        "BPTT": BPTT,
-        "TBPTT": lambda: TBPTT(steps=T),
-        "RBP": lambda: rbp_core.OriginalRBP(max_iter=T),
-        "CG-RBP": lambda: rbp_core.CGRBP(max_iter=T),
-        "Neumann-RBP": lambda: rbp_core.Neumann(steps=T - 1),
-    }[name]()
 
 
 def run_forward(W: Any, x: Any, n: int, s: Settings) -> tuple[Any, list[float]]:
@@ -615,13 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_outputs(metrics, results, binary, corrupted_np, out)
     print(table(results))
     print(f"total {total:.1f} s; outputs in {out}")
-    failed = [r for r in results if r.status == "error"]
-    for r in failed:
-        print(f"ERROR in {r.method}: {r.reason}")
-    for r in results:
-        if r.status == "diverged":
-            print(f"{r.method} diverged at epoch {r.diverged_epoch}: {r.reason}")
-    return 1 if failed else 0
+    return report_outcomes(results, lambda r: f"epoch {r.diverged_epoch}")
 
 
 if __name__ == "__main__":

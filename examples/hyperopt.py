@@ -129,11 +129,13 @@ from _common import (
     METHODS,
     Diverged,
     SavedBytes,
+    backward_method,
     finite_or_null,
     format_table,
     load_idx_dir,
     parse_methods,
     progress,
+    report_outcomes,
 )
 
 RBP_METHODS = ("RBP", "CG-RBP", "Neumann-RBP")
@@ -419,17 +421,6 @@ def _rel(a: Any, b: Any) -> float:
 
 
 # --- meta-gradients -----------------------------------------------------------------------------
-def backward_method(name: str, T: int) -> Any:
-    """The rbp_core backward method of an RBP method (T backward terms; see the module docstring)."""
-    import rbp_core
-
-    return {
-        "RBP": lambda: rbp_core.OriginalRBP(max_iter=T),
-        "CG-RBP": lambda: rbp_core.CGRBP(max_iter=T),
-        "Neumann-RBP": lambda: rbp_core.Neumann(steps=T - 1),
-    }[name]()
-
-
 @dataclass
 class MetaStep:
     loss: float  # the validation loss of theta_N
@@ -804,13 +795,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot(results, out)
     print(table(results))
     print(f"total {total:.1f} s; outputs in {out}")
-    failed = [r for r in results if r.status == "error"]
-    for r in failed:
-        print(f"ERROR in {r.method}: {r.reason}")
-    for r in results:
-        if r.status == "diverged":
-            print(f"{r.method} diverged at meta step {r.diverged_meta_step}: {r.reason}")
-    return 1 if failed else 0
+    return report_outcomes(results, lambda r: f"meta step {r.diverged_meta_step}")
 
 
 if __name__ == "__main__":
