@@ -5,7 +5,10 @@ import importlib.util
 # An adapter's module and its documentation page import the library; without it there is nothing to run.
 collect_ignore = [
     path
-    for name, paths in {"torch": ("backends/torch.py", "docs/torch.md"), "cupy": ("backends/cupy.py", "docs/cupy.md")}.items()
+    for name, paths in {
+        "torch": ("backends/torch.py", "docs/torch.md"),
+        "cupy": ("backends/cupy.py", "docs/cupy.md"),
+    }.items()
     if importlib.util.find_spec(name) is None
     for path in paths
 ]

@@ -6,9 +6,10 @@ The scripts put their own folder on ``sys.path`` (``python examples/NAME.py`` do
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -170,3 +171,69 @@ def report_outcomes(results: Sequence[Any], where: Callable[[Any], str]) -> int:
         if r.status == "diverged":
             print(f"{r.method} diverged at {where(r)}: {r.reason}")
     return 1 if failed else 0
+
+
+def check_forward(info: Any) -> None:
+    """Raise :class:`Diverged` if the forward solve of ``fixed_point`` went non-finite."""
+    import rbp_core
+
+    if info.forward.status is rbp_core.Status.NONFINITE:
+        msg = f"forward solve: {info.forward.describe()}"
+        raise Diverged(msg)
+
+
+def finite_loss(loss: Any) -> float:
+    """The loss as a float; :class:`Diverged` if it is not finite."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        msg = f"non-finite loss {value}"
+        raise Diverged(msg)
+    return value
+
+
+@contextlib.contextmanager
+def divergence_is_a_result() -> Iterator[None]:
+    """Turn the adapter's failed backward solves into :class:`Diverged` inside the ``with`` block.
+
+    A FloatingPointError (a non-finite backward solve) or a ConvergenceError whose status is NONFINITE
+    or DIVERGED becomes :class:`Diverged`; anything else propagates unchanged.
+    """
+    import rbp_core
+
+    try:
+        yield
+    except FloatingPointError as err:
+        raise Diverged(str(err)) from err
+    except rbp_core.ConvergenceError as err:
+        if err.status in (rbp_core.Status.NONFINITE, rbp_core.Status.DIVERGED):
+            raise Diverged(str(err)) from err
+        raise
+
+
+def backward_through(loss: Any, info: Any, statuses: dict[str, int]) -> None:
+    """``loss.backward()`` through a fixed point, sorting its failures into results and bugs.
+
+    A non-finite backward solve (the adapter's FloatingPointError), a ConvergenceError whose status
+    is NONFINITE or DIVERGED, and a recorded backward solve with either status raise
+    :class:`Diverged`; any other exception propagates (a bug). Each backward solve's status is
+    counted in ``statuses``.
+    """
+    import rbp_core
+
+    failed = (rbp_core.Status.NONFINITE, rbp_core.Status.DIVERGED)
+    with divergence_is_a_result():
+        loss.backward()
+    for sol in info.backward:
+        statuses[sol.status.name] = statuses.get(sol.status.name, 0) + 1
+        if sol.status in failed:
+            msg = f"backward solve: {sol.describe()}"
+            raise Diverged(msg)
+
+
+def check_grads(params: Iterable[Any]) -> None:
+    """:class:`Diverged` if any parameter's gradient has a NaN or an infinity."""
+    import torch
+
+    if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
+        msg = "non-finite gradient"
+        raise Diverged(msg)

@@ -93,6 +93,10 @@ from _common import (
     Diverged,
     SavedBytes,
     backward_method,
+    backward_through,
+    check_forward,
+    check_grads,
+    finite_loss,
     finite_or_null,
     load_idx_dir,
     read_idx,  # noqa: F401 - part of this script's interface (the tests use it)
@@ -317,32 +321,13 @@ def train_method(name: str, images: Any, corrupted: Any, s: Settings, progress: 
                         on_backward_failure="ignore",
                     )
                     res.forward_steps.append(info.forward.num_steps)
-                    if info.forward.status is rbp_core.Status.NONFINITE:
-                        msg = f"forward solve: {info.forward.describe()}"
-                        raise Diverged(msg)
+                    check_forward(info)
                     loss = torch.nn.functional.l1_loss(h[n - N_VISIBLE :], x)
-                    loss_value = float(loss.detach())
-                    if not math.isfinite(loss_value):
-                        msg = f"non-finite loss {loss_value}"
-                        raise Diverged(msg)
+                    loss_value = finite_loss(loss)
                     opt.zero_grad()
-                    try:
-                        loss.backward()
-                    except FloatingPointError as err:  # the adapter's NONFINITE backward solve
-                        raise Diverged(str(err)) from err
-                    except rbp_core.ConvergenceError as err:
-                        if err.status in (rbp_core.Status.NONFINITE, rbp_core.Status.DIVERGED):
-                            raise Diverged(str(err)) from err
-                        raise
+                    backward_through(loss, info, res.backward_statuses)
                 res.saved_kb = max(res.saved_kb or 0.0, meter.total / 2**10)
-                for sol in info.backward:
-                    res.backward_statuses[sol.status.name] = res.backward_statuses.get(sol.status.name, 0) + 1
-                    if sol.status in (rbp_core.Status.DIVERGED, rbp_core.Status.NONFINITE):
-                        msg = f"backward solve: {sol.describe()}"
-                        raise Diverged(msg)
-                if not bool(torch.isfinite(W0.grad).all()):
-                    msg = "non-finite gradient"
-                    raise Diverged(msg)
+                check_grads([W0])
                 opt.step()
                 total += loss_value
             res.curve.append(total / len(images))

@@ -130,6 +130,7 @@ from _common import (
     Diverged,
     SavedBytes,
     backward_method,
+    divergence_is_a_result,
     finite_or_null,
     format_table,
     load_idx_dir,
@@ -432,16 +433,8 @@ class MetaStep:
 def _backward(loss: Any, raw: Sequence[Any]) -> tuple[Any, ...]:
     import torch
 
-    import rbp_core
-
-    try:
-        return torch.autograd.grad(loss, list(raw))
-    except FloatingPointError as err:  # the adapter's NONFINITE backward solve
-        raise Diverged(str(err)) from err
-    except rbp_core.ConvergenceError as err:
-        if err.status in (rbp_core.Status.NONFINITE, rbp_core.Status.DIVERGED):
-            raise Diverged(str(err)) from err
-        raise
+    with divergence_is_a_result():
+        return tuple(torch.autograd.grad(loss, list(raw)))
 
 
 def meta_gradient(

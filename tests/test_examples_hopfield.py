@@ -3,28 +3,20 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hopfield.py"
+from example_support import Amplified, Broken, loaded_example
 
 
 @pytest.fixture(scope="module")
 def hopfield():
-    spec = importlib.util.spec_from_file_location("hopfield_example", EXAMPLE)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with loaded_example("hopfield") as module:
+        yield module
 
 
 def _write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
@@ -141,21 +133,6 @@ def test_divergence_is_a_result_and_a_bug_is_not(hopfield, tmp_path, monkeypatch
     pytest.importorskip("torch")
     pytest.importorskip("matplotlib")
     pytest.importorskip("tqdm")
-    import rbp_core
-
-    class Amplified:
-        """Original RBP on 1000 J^T: its iteration blows up, as the paper's original RBP does."""
-
-        needs_jvp = False
-        supports_warm_start = False
-
-        def solve(self, vjp, g, *, jvp=None, z0=None, contraction=None, throw=True):
-            return rbp_core.original_rbp(lambda v: 1000.0 * vjp(v), g, max_iter=20, throw=throw)
-
-    class Broken(Amplified):
-        def solve(self, vjp, g, **kwargs):
-            msg = "a bug in a backward method"
-            raise RuntimeError(msg)
 
     original = hopfield.backward_method
     monkeypatch.setattr(

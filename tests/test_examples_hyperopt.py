@@ -4,29 +4,21 @@ against dense and finite-difference references, the IDX data path and a smoke ru
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import math
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hyperopt.py"
+from example_support import Amplified, Broken, loaded_example
 
 
 @pytest.fixture(scope="module")
 def hyperopt():
-    spec = importlib.util.spec_from_file_location("hyperopt_example", EXAMPLE)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with loaded_example("hyperopt") as module:
+        yield module
 
 
 @pytest.fixture(autouse=True)
@@ -336,21 +328,6 @@ def test_bad_arguments(hyperopt, tmp_path):
 
 def test_divergence_is_a_result_and_a_bug_is_not(hyperopt, tmp_path, monkeypatch):
     _needs_run_deps()
-    import rbp_core
-
-    class Amplified:
-        """Original RBP on 1000 J^T: its iteration blows up."""
-
-        needs_jvp = False
-        supports_warm_start = False
-
-        def solve(self, vjp, g, *, jvp=None, z0=None, contraction=None, throw=True):
-            return rbp_core.original_rbp(lambda v: 1000.0 * vjp(v), g, max_iter=20, throw=throw)
-
-    class Broken(Amplified):
-        def solve(self, vjp, g, **kwargs):
-            msg = "a bug in a backward method"
-            raise RuntimeError(msg)
 
     original = hyperopt.backward_method
     argv = ["--meta-steps", "2", "--inner-steps", "4", "--truncation", "3", "--hidden", "4,4,4", "--batch-size", "20"]
