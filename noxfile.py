@@ -26,7 +26,10 @@ TEST_DEPS = ("pytest>=8", "hypothesis>=6.100", "numpy>=1.26", "scipy>=1.11", "ar
 # where a GPU exists (elsewhere they show as skipped, with the reason).
 BACKEND_SETS = {
     "core": ("numpy,numpy-readonly,array-api-strict,array-api-strict-noext", ()),
-    "torch": ("torch,torch-cuda?,cupy?", ("torch", "matplotlib>=3.7", "tqdm>=4.60")),
+    "torch": (
+        "torch,torch-cuda?,cupy?",
+        ("torch", "matplotlib>=3.7", "tqdm>=4.60", "scikit-learn>=1.3", "networkx>=3"),
+    ),
 }
 
 
@@ -121,6 +124,7 @@ def gpu(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """Run the README demo in a fresh environment."""
-    _install(session, "-e", ".[numpy]")
+    """Run the README demo (the quick Hopfield comparison) and the NumPy demo in a fresh environment."""
+    _install(session, "-e", ".[examples]")
+    session.run("python", "examples/hopfield.py", "--quick", "--out", str(Path(session.create_tmp()) / "hopfield-out"))
     session.run("python", "examples/demo.py")
