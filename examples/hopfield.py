@@ -64,7 +64,7 @@ Run: ``python examples/hopfield.py [--quick] [--out DIR] [--data DIR] [--epochs 
 the shipped ten images; ``--write-data``: with ``--data``, regenerate examples/data/fashion_mnist_first10.npz
 from it; ``--merge DIR...``: combine runs of single methods, e.g. run side by side, into one output).
 
-Run time. ``--quick`` (256 hidden units, 12 epochs): about 80 s for the five methods on 2 CPU cores.
+Run time. ``--quick`` (256 hidden units, 12 epochs): 40 to 80 s for the five methods on 2 CPU cores.
 The full setting (1024 hidden units, 1000 epochs of 10 steps, batch 1) is latency-bound: on 2 CPU
 cores a step takes 0.1 to 1.2 s (the forward solve stops early while W is small; BPTT is slowest),
 so a method needs hours. On an NVIDIA H200 (``--device cuda``) three methods running side by side
