@@ -6,8 +6,9 @@ from this source tree into a temporary folder (``rbp_core/`` plus ``backends/`` 
 ``rbp_core/backends``, the layout the wheel has) and unpacks the pure-Python wheels
 it finds in ``--wheels`` (default ``.whl``: array-api-compat and array-api-strict)
 for the packages that are missing, and puts that folder first on the path of the
-processes it starts. ``nox -s gpu`` runs it with ``--installed`` in a virtualenv
-where everything is installed.
+processes it starts. Fetch those wheels where there is network, next to the checkout:
+``pip download --no-deps --only-binary=:all: -d .whl array-api-compat array-api-strict``.
+``nox -s gpu`` runs it with ``--installed`` in a virtualenv where everything is installed.
 
 Steps, each with a time limit, the whole in under 5 minutes on one GPU:
 
