@@ -56,7 +56,9 @@ to tracemalloc, and ru_maxrss only ever grows).
 
 Outputs in ``--out DIR``: metrics.json (per method: status, final and best training loss, test recall
 error, wall time, backward_saved_kb, the training curve, backward-solve statuses, how many forward
-updates ran, the forward difference norms), loss_curves.png, forward_difference.png and recall.png
+updates ran, the forward difference norms, and per epoch the largest growth ||r_K|| / ||r_1|| of
+the backward solves: "backward_term_growth", above 1 when a Neumann series or an RBP iteration
+grew), loss_curves.png, forward_difference.png and recall.png
 (clean, corrupted and recalled images); a table of the methods is printed at the end.
 
 Run: ``python examples/hopfield.py [--quick] [--out DIR] [--data DIR] [--epochs N] [--truncation T]
@@ -66,10 +68,11 @@ from it; ``--merge DIR...``: combine runs of single methods, e.g. run side by si
 
 Run time. ``--quick`` (256 hidden units, 12 epochs): 40 to 80 s for the five methods on 2 CPU cores.
 The full setting (1024 hidden units, 1000 epochs of 10 steps, batch 1) is latency-bound: on 2 CPU
-cores a step takes 0.1 to 1.2 s (the forward solve stops early while W is small; BPTT is slowest),
-so a method needs hours. On an NVIDIA H200 (``--device cuda``) three methods running side by side
+cores, two runs side by side with one torch thread each (``OMP_NUM_THREADS=1``), 1000 epochs took
+25 minutes for Neumann-RBP, original RBP about as long, and BPTT about 65 (200 epochs in 13 minutes).
+On an NVIDIA H200 (``--device cuda``) three methods running side by side
 managed 2.4 epochs per second each (about 7 minutes per method for 1000 epochs), seven side by side
-0.8. The runs behind docs/results.md were made there, stopped by ``--time-limit``: see that page.
+0.8. docs/results.md lists the runs behind it (CPU, and GPU runs stopped by ``--time-limit``).
 """
 
 from __future__ import annotations
@@ -242,6 +245,7 @@ class Result:
     forward_steps: list[int] = field(default_factory=list)
     backward_statuses: dict[str, int] = field(default_factory=dict)
     forward_difference: list[float] = field(default_factory=list)
+    term_growth: list[float] = field(default_factory=list)  # per epoch: the largest last/first residual ratio
     recalled: Any = None
     forward_summary: dict[str, Any] | None = None  # set by merge_runs: min/max/mean of forward_steps
     stopped_by_time_limit: bool = False
@@ -268,7 +272,14 @@ class Result:
             "backward_statuses": self.backward_statuses,
             "train_curve": self.curve,
             "forward_difference_norms": self.forward_difference,
+            "backward_term_growth": self.term_growth,
         }
+
+
+def _growth(sol: Any) -> float:
+    """``||r_K|| / ||r_1||`` of a backward solve: above 1 when its terms (Neumann) or steps (RBP) grew."""
+    r = sol.residual_norms
+    return r[-1] / r[0] if len(r) >= 2 and r[0] > 0 else 0.0
 
 
 def run_forward(W: Any, x: Any, n: int, s: Settings) -> tuple[Any, list[float]]:
@@ -306,6 +317,7 @@ def train_method(name: str, images: Any, corrupted: Any, s: Settings, progress: 
         for epoch in epochs:
             current_epoch = epoch
             total = 0.0
+            growth = 0.0
             for i in order_rng.permutation(len(images)):
                 x = images[i]
                 h0 = torch.cat([x, x.new_zeros(n - x.shape[0])])
@@ -326,11 +338,14 @@ def train_method(name: str, images: Any, corrupted: Any, s: Settings, progress: 
                     loss_value = finite_loss(loss)
                     opt.zero_grad()
                     backward_through(loss, info, res.backward_statuses)
+                growth = max([growth, *(_growth(sol) for sol in info.backward)])
                 res.saved_kb = max(res.saved_kb or 0.0, meter.total / 2**10)
                 check_grads([W0])
                 opt.step()
                 total += loss_value
             res.curve.append(total / len(images))
+            if info.backward:
+                res.term_growth.append(growth)
             if hasattr(epochs, "set_postfix"):
                 epochs.set_postfix(loss=f"{res.curve[-1]:.4f}")
             if s.time_limit is not None and time.perf_counter() - start > s.time_limit and epoch + 1 < s.epochs:
@@ -518,6 +533,7 @@ def merge_runs(dirs: Sequence[Path], out: Path) -> list[Result]:
                 stopped_by_time_limit=m.get("stopped_by_time_limit", False),
                 backward_statuses=m["backward_statuses"],
                 forward_difference=m["forward_difference_norms"],
+                term_growth=m.get("backward_term_growth", []),
                 recalled=recalled.get(name),
             )
     ordered = [results[m] for m in METHODS if m in results]

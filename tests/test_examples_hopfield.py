@@ -113,6 +113,9 @@ def test_smoke_run(hopfield, tmp_path, capsys):
             assert len(m["train_curve"]) == 2
             assert np.isfinite(m["test_recall_error"])
             assert len(m["forward_difference_norms"]) == 50
+        # the growth of each epoch's backward solves (none for BPTT and TBPTT, which make no solve)
+        want = 0 if name in ("BPTT", "TBPTT") else len(m["train_curve"])
+        assert len(m["backward_term_growth"]) == want
     # constant memory of the RBP methods, linear in the recorded steps for TBPTT
     kb = {name: m["backward_saved_kb"] for name, m in metrics["methods"].items()}
     assert kb["Neumann-RBP"] < kb["TBPTT"]
