@@ -84,11 +84,19 @@ def norm(xp: Any, x: Array) -> float:
     s = float(flat @ flat)  # sqnorm, inlined: this line runs once per iteration of every solver
     if 0.0 < s < math.inf:
         return math.sqrt(s)
+    return slow_norm(xp, x, s)
+
+
+def slow_norm(xp: Any, x: Array, s: float) -> float:
+    """The norm of ``x`` when its plain sum of squares ``s`` is 0, infinite or NaN.
+
+    Decides between a true zero, an underflow, an overflow (both rescaled, see
+    :func:`_scaled_norm`) and a non-finite array (``nan`` if ``s`` is NaN, else ``inf``).
+    """
     with _quiet(xp):
-        # Slow path, taken only on overflow, underflow or non-finite input.
         if not bool(xp.all(xp.isfinite(x))):
             return math.nan if math.isnan(s) else math.inf
-        return _scaled_norm(xp, flat)
+        return _scaled_norm(xp, x if x.ndim == 1 else xp.reshape(x, (-1,)))
 
 
 def _scaled_norm(xp: Any, flat: Array) -> float:

@@ -24,7 +24,7 @@ from typing import Any
 
 import array_api_compat
 
-from ._arrays import Array, norm, sqnorm
+from ._arrays import Array, slow_norm, sqnorm
 
 __all__ = ["VectorOps", "norm_from_sq", "vector_ops"]
 
@@ -76,14 +76,15 @@ class VectorOps:
 def norm_from_sq(xp: Any, sq: Array | float, x: Array, minus: Array | None = None) -> float:
     """The 2-norm of ``x`` (of ``x - minus`` if given) as a host float, from its sum of squares ``sq``.
 
-    The arrays are used only when ``sq`` is 0, infinite or NaN: :func:`norm` then
+    The arrays are used only when ``sq`` is 0, infinite or NaN: :func:`slow_norm` then
     decides, with scaling, between a true zero, an underflow, an overflow and a
-    non-finite array (``x - minus`` is formed only then).
+    non-finite array (``x - minus`` is formed only then). This is :func:`norm`
+    with the sum of squares already computed, by a fused kernel or alongside an update.
     """
     s = float(sq)
     if 0.0 < s < math.inf:
         return math.sqrt(s)
-    return norm(xp, x if minus is None else x - minus)
+    return slow_norm(xp, x if minus is None else x - minus, s)
 
 
 _CACHE: dict[int, VectorOps] = {}
