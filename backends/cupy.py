@@ -379,32 +379,31 @@ class FusedOps(VectorOps):
         _MODULE.function(name, ctype)((blocks,), (_THREADS,), (*args, np.int64(n), partial))
         return partial if sums == 1 else partial.reshape(sums, blocks)
 
+    def _update_sq(self, name: str, ctype: str, *inputs: Any) -> tuple[Any, Any]:
+        """Run kernel ``name``: one output like ``inputs[0]`` and its squared-norm partials, summed."""
+        first = inputs[0]
+        with first.device:
+            out = cupy.empty_like(first)
+            partial = self._launch(name, ctype, first.size, (*inputs, out))
+            return out, partial.sum()
+
     def add_sq(self, a: Any, b: Any) -> tuple[Any, Any]:
         ctype = self._ctype(a, b)
         if ctype is None:
             return super().add_sq(a, b)
-        with a.device:
-            out = cupy.empty_like(a)
-            partial = self._launch("add_sq", ctype, a.size, (a, b, out))
-            return out, partial.sum()
+        return self._update_sq("add_sq", ctype, a, b)
 
     def add_diff_sq(self, a: Any, b: Any, c: Any) -> tuple[Any, Any]:
         ctype = self._ctype(a, b, c)
         if ctype is None:
             return super().add_diff_sq(a, b, c)
-        with a.device:
-            out = cupy.empty_like(a)
-            partial = self._launch("add_diff_sq", ctype, a.size, (a, b, c, out))
-            return out, partial.sum()
+        return self._update_sq("add_diff_sq", ctype, a, b, c)
 
     def sub_sq(self, a: Any, b: Any) -> tuple[Any, Any]:
         ctype = self._ctype(a, b)
         if ctype is None:
             return super().sub_sq(a, b)
-        with a.device:
-            out = cupy.empty_like(a)
-            partial = self._launch("sub_sq", ctype, a.size, (a, b, out))
-            return out, partial.sum()
+        return self._update_sq("sub_sq", ctype, a, b)
 
     def cg_update(self, z: Any, p: Any, r: Any, q: Any, gamma: Any, delta: Any) -> tuple[Any, Any, Any]:
         ctype = self._ctype(z, p, r, q)
