@@ -112,6 +112,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import array_api_compat
 import numpy as np
 import numpy.typing as npt
 
@@ -182,8 +183,11 @@ def original_baseline(vjp: Op, g: Vec, steps: int) -> tuple[Vec, Vec]:
 
 
 def cgls_baseline(vjp: Op, jvp: Op, g: Vec, iters: int) -> tuple[Vec, Vec]:
-    """CGLS for ``(I - J^T) z = g`` from ``z = 0``: ``iters`` VJPs and ``iters`` JVPs, no residual norms."""
-    z = np.zeros_like(g)
+    """CGLS for ``(I - J^T) z = g`` from ``z = 0``: ``iters`` VJPs and ``iters`` JVPs, no residual norms.
+
+    Written for any array library (bench_gpu.py runs it on CuPy arrays).
+    """
+    z = array_api_compat.array_namespace(g).zeros_like(g)
     r = g
     s = r - jvp(r)  # A^T r with A = I - J^T
     gamma = s @ s

@@ -46,6 +46,9 @@ from typing import Any
 
 import rbp_core
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_core import cgls_baseline, neumann_baseline, original_baseline
+
 BYTES_PER_ITER = {"neumann_rbp": 3, "original_rbp": 4, "cg_rbp": 15}  # vectors moved by the solver's updates
 
 
@@ -91,38 +94,15 @@ def bench_cupy(n: int, steps: int, repeats: int, dtype_name: str) -> dict[str, A
 
         return run
 
+    # the bare loops of bench_core.py: the same callback calls and updates, no norms
     def loop_neumann() -> object:
-        v, z = g, g
-        for _ in range(steps):
-            v = vjp(v)
-            z = z + v
-        return z
+        return neumann_baseline(vjp, g, steps)
 
     def loop_original() -> object:
-        z = g
-        for _ in range(steps):
-            z_new = vjp(z) + g
-            _ = z_new - z
-            z = z_new
-        return z
+        return original_baseline(vjp, g, steps)
 
     def loop_cg() -> object:
-        z, r = cupy.zeros_like(g), g
-        s = r - vjp(r)
-        gamma = s @ s
-        p = s
-        for i in range(steps):
-            q = p - vjp(p)
-            alpha = gamma / (q @ q)
-            z = z + alpha * p
-            r = r - alpha * q
-            if i == steps - 1:
-                break
-            s = r - vjp(r)
-            gamma_new = s @ s
-            p = s + (gamma_new / gamma) * p
-            gamma = gamma_new
-        return z
+        return cgls_baseline(vjp, vjp, g, steps)
 
     solvers: dict[str, tuple[Callable[[], rbp_core.Solution], Callable[[], object]]] = {
         "neumann_rbp": (lambda: rbp_core.neumann_rbp(vjp, g, steps=steps), loop_neumann),
