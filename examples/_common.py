@@ -138,23 +138,28 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 # --- methods and outcomes ------------------------------------------------------------------------
-def backward_method(name: str, T: int) -> Any:
+def backward_method(name: str, T: int, divergence_factor: float | None = None) -> Any:
     """The ``backward=`` argument of ``rbp_core.backends.torch.fixed_point`` for method ``name``, truncation ``T``.
 
     The truncation convention of all the experiments: T backward terms. TBPTT(steps=T) records T
     updates; original RBP and CG-RBP stop after at most T iterations (original RBP starts from
     z_0 = 0, so z_1 = g costs no VJP and T iterations sum T terms); Neumann(steps=T - 1) makes T - 1
     VJPs, the T terms g, J^T g, ..., (J^T)^(T-1) g, which equals TBPTT(steps=T) at an exact fixed point.
+
+    ``divergence_factor``, when given, replaces the library's default (1e4) of original RBP and
+    Neumann-RBP: a backward solve whose monitored norm (a residual, a series term) exceeds that factor
+    times the smallest so far is DIVERGED. CG-RBP has no such test (its residuals need not decrease).
     """
     import rbp_core
     from rbp_core.backends.torch import BPTT, TBPTT
 
+    kw = {} if divergence_factor is None else {"divergence_factor": divergence_factor}
     makers: dict[str, Callable[[], Any]] = {
         "BPTT": BPTT,
         "TBPTT": lambda: TBPTT(steps=T),
-        "RBP": lambda: rbp_core.OriginalRBP(max_iter=T),
+        "RBP": lambda: rbp_core.OriginalRBP(max_iter=T, **kw),
         "CG-RBP": lambda: rbp_core.CGRBP(max_iter=T),
-        "Neumann-RBP": lambda: rbp_core.Neumann(steps=T - 1),
+        "Neumann-RBP": lambda: rbp_core.Neumann(steps=T - 1, **kw),
     }
     return makers[name]()
 

@@ -62,9 +62,13 @@ grew), loss_curves.png, forward_difference.png and recall.png
 (clean, corrupted and recalled images); a table of the methods is printed at the end.
 
 Run: ``python examples/hopfield.py [--quick] [--out DIR] [--data DIR] [--epochs N] [--truncation T]
-[--seed S] [--device cuda] [--time-limit S]`` (``--data DIR``: an MNIST-format IDX directory instead of
-the shipped ten images; ``--write-data``: with ``--data``, regenerate examples/data/fashion_mnist_first10.npz
-from it; ``--merge DIR...``: combine runs of single methods, e.g. run side by side, into one output).
+[--seed S] [--device cuda] [--time-limit S] [--divergence-factor F]`` (``--data DIR``: an MNIST-format IDX
+directory instead of the shipped ten images; ``--write-data``: with ``--data``, regenerate
+examples/data/fashion_mnist_first10.npz from it; ``--divergence-factor F``: original RBP's and
+Neumann-RBP's backward solves are DIVERGED once their monitored norm exceeds F times the smallest so
+far, instead of the library's default 1e4; ``--merge DIR...``: combine runs of single methods, e.g. run
+side by side, into one output; runs of BPTT alone merge with runs of any truncation, since BPTT does
+not use it).
 
 Run time. ``--quick`` (256 hidden units, 12 epochs): 40 to 80 s for the five methods on 2 CPU cores.
 The full setting (1024 hidden units, 1000 epochs of 10 steps, batch 1) is latency-bound: on 2 CPU
@@ -108,6 +112,7 @@ from _common import (
 
 HERE = Path(__file__).resolve().parent
 DATA_FILE = HERE / "data" / "fashion_mnist_first10.npz"
+SHIPPED_DATA = "examples/data/fashion_mnist_first10.npz"  # how metrics.json names the shipped file
 N_VISIBLE = 784
 
 
@@ -230,6 +235,7 @@ class Settings:
     b: float = 0.5
     lr: float = 1e-3
     time_limit: float | None = None  # seconds per method; training stops at the first epoch boundary past it
+    divergence_factor: float | None = None  # of RBP's and Neumann-RBP's backward solves; None: the library's 1e4
 
 
 @dataclass
@@ -307,7 +313,7 @@ def train_method(name: str, images: Any, corrupted: Any, s: Settings, progress: 
     W0, mask = make_model(s.n_hidden, s.seed, device=str(images.device))
     n = W0.shape[0]
     opt = torch.optim.Adam([W0], lr=s.lr)
-    method = backward_method(name, s.truncation)
+    method = backward_method(name, s.truncation, divergence_factor=s.divergence_factor)
     forward = rbp_core.FixedPointIteration(tol=0.0, max_iter=s.updates, divergence_factor=None)
     order_rng = np.random.default_rng(s.seed)
     start = time.perf_counter()
@@ -475,6 +481,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="S",
         help="stop each method's training at the first epoch boundary after S seconds (recorded in metrics.json)",
     )
+    p.add_argument(
+        "--divergence-factor",
+        type=float,
+        default=None,
+        metavar="F",
+        help="RBP and Neumann-RBP: a backward solve whose norm grows past F times its smallest is "
+        "DIVERGED (default: the library's 1e4)",
+    )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     p.add_argument(
         "--merge",
@@ -497,18 +511,45 @@ def write_outputs(
     plot(results, binary, corrupted, out)
 
 
-def merge_runs(dirs: Sequence[Path], out: Path) -> list[Result]:
-    """Combine runs of single methods (e.g. run side by side on one GPU) into one output, as one run would write it.
+def _comparable_settings(run: dict[str, Any]) -> dict[str, Any]:
+    """The settings that runs must share to be merged, truncation aside (see :func:`merge_runs`).
 
-    The runs must have the same settings; the merged metrics.json lists the methods in the usual order and
-    records the sum of the runs' wall times.
+    Keys that a run's script predates take their defaults; the time limit is per method (each method
+    records whether it stopped it); the shipped data file counts as one whatever the checkout's path.
+    """
+    s = {**Settings().__dict__, **run["settings"]}
+    del s["time_limit"], s["truncation"]
+    if str(s["data"]).replace("\\", "/").endswith(SHIPPED_DATA):
+        s["data"] = SHIPPED_DATA
+    return s
+
+
+def merge_runs(dirs: Sequence[Path], out: Path) -> list[Result]:
+    """Combine runs of single methods (e.g. run side by side) into one output, as one run would write it.
+
+    The runs must have the same settings (:func:`_comparable_settings`) and, except runs of BPTT alone
+    (BPTT does not use it), the same truncation. The merged metrics.json lists the methods in the usual
+    order, records the sum of the runs' wall times, and in "merged_runs" each run's directory, methods,
+    time limit and truncation.
     """
     runs = [json.loads((d / "metrics.json").read_text()) for d in dirs]
-    settings = runs[0]["settings"]
-    for d, run in zip(dirs, runs, strict=True):
-        if run["settings"] != settings:
-            msg = f"{d}: settings {run['settings']} differ from {dirs[0]}: {settings}"
+    comparable = [_comparable_settings(r) for r in runs]
+    for d, c in zip(dirs, comparable, strict=True):
+        differ = sorted(k for k in comparable[0].keys() | c.keys() if comparable[0].get(k) != c.get(k))
+        if differ:
+            detail = ", ".join(f"{k}: {c.get(k)!r} vs {comparable[0].get(k)!r}" for k in differ)
+            msg = f"{d}: settings differ from those of {dirs[0]} ({detail})"
             raise ValueError(msg)
+    truncations = {r["settings"]["truncation"] for r in runs if set(r["methods"]) - {"BPTT"}}
+    if len(truncations) > 1:
+        msg = f"the runs have different settings: truncations {sorted(truncations)}"
+        raise ValueError(msg)
+    limits = {r["settings"].get("time_limit") for r in runs}
+    settings = {
+        **comparable[0],
+        "truncation": truncations.pop() if truncations else runs[0]["settings"]["truncation"],
+        "time_limit": limits.pop() if len(limits) == 1 else "per run, see merged_runs",
+    }
     results: dict[str, Result] = {}
     binary = corrupted = None
     for d, run in zip(dirs, runs, strict=True):
@@ -541,8 +582,18 @@ def merge_runs(dirs: Sequence[Path], out: Path) -> list[Result]:
     assert corrupted is not None
     out.mkdir(parents=True, exist_ok=True)
     metrics = {
-        **{k: v for k, v in runs[0].items() if k not in ("methods", "total_wall_time_s")},
+        **{k: v for k, v in runs[0].items() if k not in ("methods", "total_wall_time_s", "settings")},
+        "settings": settings,
         "merged_from": [str(d) for d in dirs],
+        "merged_runs": [
+            {
+                "dir": str(d),
+                "methods": list(r["methods"]),
+                "time_limit": r["settings"].get("time_limit"),
+                "truncation": r["settings"]["truncation"],
+            }
+            for d, r in zip(dirs, runs, strict=True)
+        ],
         "total_wall_time_s": sum(r["total_wall_time_s"] for r in runs),
         "methods": {r.method: r.to_json() for r in ordered},
     }
@@ -567,6 +618,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown or args.truncation < 2:
         print(f"unknown methods {unknown} or truncation < 2", file=sys.stderr)
         return 2
+    if args.divergence_factor is not None and not args.divergence_factor > 1:
+        print(f"--divergence-factor must be > 1, got {args.divergence_factor}", file=sys.stderr)
+        return 2
 
     import torch
     from tqdm.auto import tqdm
@@ -578,6 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         n_hidden=args.hidden if args.hidden is not None else (256 if args.quick else 1024),
         n_images=args.images,
         time_limit=args.time_limit,
+        divergence_factor=args.divergence_factor,
     )
     binary = load_images(args.data)[: s.n_images]
     corrupted_np = corrupt(binary, 0.5, np.random.default_rng(s.seed + 1))
@@ -593,7 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = [train_method(m, images, corrupted, s, progress) for m in methods]
     total = time.perf_counter() - start
     metrics = {
-        "settings": {**s.__dict__, "quick": args.quick, "data": str(args.data) if args.data else str(DATA_FILE)},
+        "settings": {**s.__dict__, "quick": args.quick, "data": str(args.data) if args.data else SHIPPED_DATA},
         "memory_measure": "backward_saved_kb: KiB of the distinct storages that autograd saves for backward in "
         "one training step (torch.autograd.graph.saved_tensors_hooks; the largest over all steps), not counting the weight "
         "matrix W that every method saves once",

@@ -139,7 +139,7 @@ def test_divergence_is_a_result_and_a_bug_is_not(hopfield, tmp_path, monkeypatch
 
     original = hopfield.backward_method
     monkeypatch.setattr(
-        hopfield, "backward_method", lambda name, T: Amplified() if name == "RBP" else original(name, T)
+        hopfield, "backward_method", lambda name, T, **kw: Amplified() if name == "RBP" else original(name, T, **kw)
     )
     rc, metrics = _small_run(hopfield, tmp_path / "diverged", "RBP,Neumann-RBP")
     assert rc == 0
@@ -149,7 +149,9 @@ def test_divergence_is_a_result_and_a_bug_is_not(hopfield, tmp_path, monkeypatch
     assert "backward solve" in rbp["reason"]
     assert metrics["methods"]["Neumann-RBP"]["status"] == "ok"
 
-    monkeypatch.setattr(hopfield, "backward_method", lambda name, T: Broken() if name == "RBP" else original(name, T))
+    monkeypatch.setattr(
+        hopfield, "backward_method", lambda name, T, **kw: Broken() if name == "RBP" else original(name, T, **kw)
+    )
     rc, metrics = _small_run(hopfield, tmp_path / "broken", "RBP,Neumann-RBP")
     assert rc == 1
     assert metrics["methods"]["RBP"]["status"] == "error"
@@ -182,8 +184,78 @@ def test_merge_of_single_method_runs_equals_one_run(hopfield, tmp_path):
     # runs with different settings are refused
     argv = ["--epochs", "1", "--hidden", "16", "--images", "2", "--truncation", "6", "--methods", "RBP"]
     assert hopfield.main([*argv, "--out", str(tmp_path / "other")]) == 0
-    with pytest.raises(ValueError, match="settings"):
+    with pytest.raises(ValueError, match="epochs: 1 vs 2"):
         hopfield.merge_runs([tmp_path / "BPTT", tmp_path / "other"], tmp_path / "bad")
+
+
+def _rewrite_settings(run: Path, **changes) -> None:
+    path = run / "metrics.json"
+    metrics = json.loads(path.read_text())
+    for k, v in changes.items():
+        if v is None:
+            del metrics["settings"][k]
+        else:
+            metrics["settings"][k] = v
+    path.write_text(json.dumps(metrics))
+
+
+def test_merge_rules_for_truncation_time_limit_and_older_runs(hopfield, tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    argv = ["--epochs", "2", "--hidden", "16", "--images", "2", "--methods"]
+    assert hopfield.main([*argv, "BPTT", "--truncation", "9", "--out", str(tmp_path / "BPTT")]) == 0
+    assert hopfield.main([*argv, "RBP", "--truncation", "5", "--out", str(tmp_path / "RBP")]) == 0
+    assert hopfield.main([*argv, "TBPTT", "--truncation", "6", "--out", str(tmp_path / "TBPTT")]) == 0
+    # BPTT does not use the truncation: its run joins runs of any truncation, which the merge keeps
+    merged_runs = hopfield.merge_runs([tmp_path / "BPTT", tmp_path / "RBP"], tmp_path / "m")
+    assert [r.method for r in merged_runs] == ["BPTT", "RBP"]
+    merged = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert merged["settings"]["truncation"] == 5
+    assert [r["truncation"] for r in merged["merged_runs"]] == [9, 5]
+    # two methods that use it must share it
+    with pytest.raises(ValueError, match=r"truncations \[5, 6\]"):
+        hopfield.merge_runs([tmp_path / "RBP", tmp_path / "TBPTT"], tmp_path / "bad")
+    # the time limit is per method; a run from before --divergence-factor existed, in another checkout,
+    # has the same settings
+    _rewrite_settings(tmp_path / "BPTT", time_limit=100.0, divergence_factor=None)
+    _rewrite_settings(tmp_path / "RBP", data="/elsewhere/examples/data/fashion_mnist_first10.npz")
+    hopfield.merge_runs([tmp_path / "BPTT", tmp_path / "RBP"], tmp_path / "m2")
+    merged = json.loads((tmp_path / "m2" / "metrics.json").read_text())
+    assert merged["settings"]["time_limit"] == "per run, see merged_runs"
+    assert [r["time_limit"] for r in merged["merged_runs"]] == [100.0, None]
+    assert merged["settings"]["data"] == "examples/data/fashion_mnist_first10.npz"
+    # but a different divergence factor or data file is a different experiment
+    _rewrite_settings(tmp_path / "RBP", divergence_factor=100.0)
+    with pytest.raises(ValueError, match=r"divergence_factor: 100\.0 vs None"):
+        hopfield.merge_runs([tmp_path / "BPTT", tmp_path / "RBP"], tmp_path / "bad")
+    _rewrite_settings(tmp_path / "RBP", divergence_factor=None, data="/elsewhere/idx")
+    with pytest.raises(ValueError, match="data: '/elsewhere/idx'"):
+        hopfield.merge_runs([tmp_path / "BPTT", tmp_path / "RBP"], tmp_path / "bad")
+
+
+def test_divergence_factor_reaches_the_rbp_methods(hopfield, tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    import rbp_core
+
+    assert hopfield.main(["--divergence-factor", "1", "--out", str(tmp_path)]) == 2
+    for name in ("RBP", "Neumann-RBP"):
+        assert hopfield.backward_method(name, 5, divergence_factor=20.0).divergence_factor == 20.0
+        assert hopfield.backward_method(name, 5).divergence_factor == rbp_core.Neumann(steps=1).divergence_factor
+    seen = []
+    original = hopfield.backward_method
+
+    def spy(name, T, **kw):
+        seen.append(kw)
+        return original(name, T, **kw)
+
+    monkeypatch.setattr(hopfield, "backward_method", spy)
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    argv = ["--epochs", "1", "--hidden", "16", "--images", "2", "--methods", "Neumann-RBP", "--divergence-factor", "50"]
+    assert hopfield.main([*argv, "--out", str(tmp_path)]) == 0
+    assert seen == [{"divergence_factor": 50.0}]
+    assert json.loads((tmp_path / "metrics.json").read_text())["settings"]["divergence_factor"] == 50.0
 
 
 def test_time_limit_stops_at_an_epoch_boundary(hopfield, tmp_path):
