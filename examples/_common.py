@@ -127,6 +127,12 @@ def progress(it: Iterable[Any], **kw: Any) -> Any:
     return tqdm(it, disable=None, **kw)
 
 
+def legend(ax: Any) -> None:
+    """``ax.legend()`` when the axes have labelled artists (a method that failed in its first epoch has no curve)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+
+
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A plain text table, columns right-aligned except the first."""
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]

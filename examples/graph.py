@@ -143,6 +143,7 @@ from _common import (
     finite_loss,
     finite_or_null,
     format_table,
+    legend,
     parse_methods,
     progress,
     report_outcomes,
@@ -784,8 +785,8 @@ def plot(results: Sequence[Result], out: Path, title: str) -> None:
             ax_acc.plot(np.arange(1, len(r.val_acc) + 1), r.val_acc, label=label)
     ax_loss.set(xlabel="epoch (one full-graph step)", ylabel="training cross-entropy", yscale="log", title=title)
     ax_acc.set(xlabel="epoch (one full-graph step)", ylabel="validation accuracy", title=title)
-    ax_loss.legend()
-    ax_acc.legend()
+    legend(ax_loss)
+    legend(ax_acc)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=100)
     plt.close(fig)
@@ -815,7 +816,7 @@ def plot(results: Sequence[Result], out: Path, title: str) -> None:
         yscale="log",
         title="forward convergence after training",
     )
-    ax.legend()
+    legend(ax)
     fig.tight_layout()
     fig.savefig(out / "forward_difference.png", dpi=100)
     plt.close(fig)

@@ -68,7 +68,9 @@ examples/data/fashion_mnist_first10.npz from it; ``--divergence-factor F``: orig
 Neumann-RBP's backward solves are DIVERGED once their monitored norm exceeds F times the smallest so
 far, instead of the library's default 1e4; ``--merge DIR...``: combine runs of single methods, e.g. run
 side by side, into one output; runs of BPTT alone merge with runs of any truncation, since BPTT does
-not use it).
+not use it; ``--on-diverged skip``: a backward solve reported DIVERGED skips that training step, the
+gradient being the partial sum of a diverging series, instead of stopping the method; metrics.json
+lists the epoch of each skipped step as "skipped_steps").
 
 Run time. ``--quick`` (256 hidden units, 12 epochs): 40 to 80 s for the five methods on 2 CPU cores.
 The full setting (1024 hidden units, 1000 epochs of 10 steps, batch 1) is latency-bound: on 2 CPU
@@ -105,6 +107,7 @@ from _common import (
     check_grads,
     finite_loss,
     finite_or_null,
+    legend,
     load_idx_dir,
     read_idx,  # noqa: F401 - part of this script's interface (the tests use it)
     report_outcomes,
@@ -236,6 +239,7 @@ class Settings:
     lr: float = 1e-3
     time_limit: float | None = None  # seconds per method; training stops at the first epoch boundary past it
     divergence_factor: float | None = None  # of RBP's and Neumann-RBP's backward solves; None: the library's 1e4
+    on_diverged: str = "stop"  # a DIVERGED backward solve: "stop" the method, or "skip" that training step
 
 
 @dataclass
@@ -255,6 +259,7 @@ class Result:
     recalled: Any = None
     forward_summary: dict[str, Any] | None = None  # set by merge_runs: min/max/mean of forward_steps
     stopped_by_time_limit: bool = False
+    skipped_steps: list[int] = field(default_factory=list)  # with on_diverged="skip": the epoch of each skipped step
 
     def to_json(self) -> dict[str, Any]:
         finite = [c for c in self.curve if math.isfinite(c)]
@@ -279,6 +284,7 @@ class Result:
             "train_curve": self.curve,
             "forward_difference_norms": self.forward_difference,
             "backward_term_growth": self.term_growth,
+            "skipped_steps": self.skipped_steps,
         }
 
 
@@ -300,6 +306,23 @@ def run_forward(W: Any, x: Any, n: int, s: Settings) -> tuple[Any, list[float]]:
             norms.append(float(torch.linalg.vector_norm(new - h)))
             h = new
     return h, norms
+
+
+def backward_or_skip(loss: Any, info: Any, statuses: dict[str, int], on_diverged: str) -> bool:
+    """:func:`backward_through`; with ``on_diverged="skip"``, True instead of :class:`Diverged` for a DIVERGED solve.
+
+    The caller then skips that training step (its gradient is the partial sum of a diverging series).
+    A non-finite solve, loss or gradient still stops the method.
+    """
+    import rbp_core
+
+    try:
+        backward_through(loss, info, statuses)
+    except Diverged:
+        if on_diverged == "skip" and any(sol.status is rbp_core.Status.DIVERGED for sol in info.backward):
+            return True
+        raise
+    return False
 
 
 def train_method(name: str, images: Any, corrupted: Any, s: Settings, progress: Callable[..., Any]) -> Result:
@@ -343,12 +366,15 @@ def train_method(name: str, images: Any, corrupted: Any, s: Settings, progress: 
                     loss = torch.nn.functional.l1_loss(h[n - N_VISIBLE :], x)
                     loss_value = finite_loss(loss)
                     opt.zero_grad()
-                    backward_through(loss, info, res.backward_statuses)
+                    skip = backward_or_skip(loss, info, res.backward_statuses, s.on_diverged)
                 growth = max([growth, *(_growth(sol) for sol in info.backward)])
                 res.saved_kb = max(res.saved_kb or 0.0, meter.total / 2**10)
+                total += loss_value
+                if skip:
+                    res.skipped_steps.append(epoch + 1)
+                    continue
                 check_grads([W0])
                 opt.step()
-                total += loss_value
             res.curve.append(total / len(images))
             if info.backward:
                 res.term_growth.append(growth)
@@ -400,7 +426,7 @@ def plot(results: Sequence[Result], images: np.ndarray, corrupted: np.ndarray, o
                 label=r.method + (" (diverged)" if r.status == "diverged" else ""),
             )
     ax.set(xlabel="epoch", ylabel="training L1 loss", yscale="log", title="Hopfield associative memory")
-    ax.legend()
+    legend(ax)
     fig.tight_layout()
     fig.savefig(out / "loss_curves.png", dpi=100)
     plt.close(fig)
@@ -417,7 +443,7 @@ def plot(results: Sequence[Result], images: np.ndarray, corrupted: np.ndarray, o
         yscale="log",
         title="forward difference norm",
     )
-    ax.legend()
+    legend(ax)
     fig.tight_layout()
     fig.savefig(out / "forward_difference.png", dpi=100)
     plt.close(fig)
@@ -451,6 +477,8 @@ def table(results: Sequence[Result]) -> str:
         status = r.status if r.status != "diverged" else f"diverged@{r.diverged_epoch}"
         if r.stopped_by_time_limit:
             status += f" (t@{len(r.curve)})"
+        if r.skipped_steps:
+            status += f" ({len(r.skipped_steps)} skipped)"
         lines.append(
             f"{r.method:<12} {status:<14} {fmt(d['final_train_loss']):>10} {fmt(d['best_train_loss']):>10} "
             f"{fmt(d['test_recall_error']):>10} {r.wall_s:>8.1f} {fmt(r.saved_kb, '.1f'):>9}"
@@ -488,6 +516,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="F",
         help="RBP and Neumann-RBP: a backward solve whose norm grows past F times its smallest is "
         "DIVERGED (default: the library's 1e4)",
+    )
+    p.add_argument(
+        "--on-diverged",
+        choices=("stop", "skip"),
+        default="stop",
+        help="a backward solve reported DIVERGED stops the method (default; a result) or skips that training "
+        "step (counted in metrics.json as skipped_steps)",
     )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     p.add_argument(
@@ -575,6 +610,7 @@ def merge_runs(dirs: Sequence[Path], out: Path) -> list[Result]:
                 backward_statuses=m["backward_statuses"],
                 forward_difference=m["forward_difference_norms"],
                 term_growth=m.get("backward_term_growth", []),
+                skipped_steps=m.get("skipped_steps", []),
                 recalled=recalled.get(name),
             )
     ordered = [results[m] for m in METHODS if m in results]
@@ -633,6 +669,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         n_images=args.images,
         time_limit=args.time_limit,
         divergence_factor=args.divergence_factor,
+        on_diverged=args.on_diverged,
     )
     binary = load_images(args.data)[: s.n_images]
     corrupted_np = corrupt(binary, 0.5, np.random.default_rng(s.seed + 1))

@@ -133,6 +133,7 @@ from _common import (
     divergence_is_a_result,
     finite_or_null,
     format_table,
+    legend,
     load_idx_dir,
     parse_methods,
     progress,
@@ -654,7 +655,7 @@ def plot(results: Sequence[Result], out: Path) -> None:
             title="hyper-parameter optimisation",
         )
         if any(r.curve for r in results):
-            ax.legend()
+            legend(ax)
         fig.tight_layout()
         fig.savefig(out / fname, dpi=100)
         plt.close(fig)

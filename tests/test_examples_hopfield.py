@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import rbp_core
 from example_support import Amplified, Broken, loaded_example
 
 
@@ -157,6 +158,44 @@ def test_divergence_is_a_result_and_a_bug_is_not(hopfield, tmp_path, monkeypatch
     assert metrics["methods"]["RBP"]["status"] == "error"
     assert "a bug in a backward method" in metrics["methods"]["RBP"]["reason"]
     assert metrics["methods"]["Neumann-RBP"]["status"] == "ok"
+
+
+class _NaNs(Amplified):
+    """A backward solve that goes non-finite."""
+
+    def solve(self, vjp, g, **kwargs):
+        return rbp_core.original_rbp(lambda v: vjp(v) * float("nan"), g, max_iter=5, throw=kwargs.get("throw", True))
+
+
+def test_skip_on_diverged_skips_the_step_and_nonfinite_still_stops(hopfield, tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    original = hopfield.backward_method
+    monkeypatch.setattr(
+        hopfield, "backward_method", lambda name, T, **kw: Amplified() if name == "RBP" else original(name, T, **kw)
+    )
+    argv = ["--epochs", "3", "--hidden", "16", "--images", "2", "--truncation", "5", "--on-diverged", "skip"]
+    assert hopfield.main([*argv, "--methods", "RBP,Neumann-RBP", "--out", str(tmp_path / "a")]) == 0
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    rbp, neumann = metrics["methods"]["RBP"], metrics["methods"]["Neumann-RBP"]
+    assert metrics["settings"]["on_diverged"] == "skip"
+    # every backward solve diverges: every step is skipped, the weights never move, the loss stays put
+    assert rbp["status"] == "ok"
+    assert rbp["skipped_steps"] == [1, 1, 2, 2, 3, 3]
+    assert rbp["backward_statuses"] == {"DIVERGED": 6}
+    assert rbp["train_curve"][0] == rbp["train_curve"][1] == rbp["train_curve"][2]
+    assert neumann["skipped_steps"] == []
+    assert neumann["train_curve"][2] < neumann["train_curve"][0]
+    # a non-finite solve is not skipped: it stops the method
+    monkeypatch.setattr(
+        hopfield, "backward_method", lambda name, T, **kw: _NaNs() if name == "RBP" else original(name, T, **kw)
+    )
+    assert hopfield.main([*argv, "--methods", "RBP", "--out", str(tmp_path / "b")]) == 0
+    rbp = json.loads((tmp_path / "b" / "metrics.json").read_text())["methods"]["RBP"]
+    assert rbp["status"] == "diverged"
+    assert rbp["diverged_epoch"] == 1
+    assert rbp["skipped_steps"] == []
 
 
 def test_merge_of_single_method_runs_equals_one_run(hopfield, tmp_path):
