@@ -75,7 +75,9 @@ lists the epoch of each skipped step as "skipped_steps").
 Run time. ``--quick`` (256 hidden units, 12 epochs): 40 to 80 s for the five methods on 2 CPU cores.
 The full setting (1024 hidden units, 1000 epochs of 10 steps, batch 1) is latency-bound: on 2 CPU
 cores, two runs side by side with one torch thread each (``OMP_NUM_THREADS=1``), 1000 epochs took
-25 minutes for Neumann-RBP, original RBP about as long, and BPTT about 65 (200 epochs in 13 minutes).
+25 minutes for Neumann-RBP, original RBP about as long, and BPTT about 65 (200 epochs in 13 minutes);
+with three runs sharing the two cores for part of the time, 1000 epochs of BPTT took 94 minutes and
+of TBPTT(10) 59.
 On an NVIDIA H200 (``--device cuda``) three methods running side by side
 managed 2.4 epochs per second each (about 7 minutes per method for 1000 epochs), seven side by side
 0.8. docs/results.md lists the runs behind it (CPU, and GPU runs stopped by ``--time-limit``).
