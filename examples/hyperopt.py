@@ -654,8 +654,7 @@ def plot(results: Sequence[Result], out: Path) -> None:
             yscale="log",
             title="hyper-parameter optimisation",
         )
-        if any(r.curve for r in results):
-            legend(ax)
+        legend(ax)
         fig.tight_layout()
         fig.savefig(out / fname, dpi=100)
         plt.close(fig)

@@ -133,15 +133,20 @@ def _small_run(hopfield, out: Path, methods: str) -> tuple[int, dict]:
     return rc, json.loads((out / "metrics.json").read_text())
 
 
+def _replace_rbp_backward(hopfield, monkeypatch, replacement) -> None:
+    """Make the script's "RBP" use ``replacement``; the other methods stay as they are."""
+    original = hopfield.backward_method
+    monkeypatch.setattr(
+        hopfield, "backward_method", lambda name, T, **kw: replacement if name == "RBP" else original(name, T, **kw)
+    )
+
+
 def test_divergence_is_a_result_and_a_bug_is_not(hopfield, tmp_path, monkeypatch):
     pytest.importorskip("torch")
     pytest.importorskip("matplotlib")
     pytest.importorskip("tqdm")
 
-    original = hopfield.backward_method
-    monkeypatch.setattr(
-        hopfield, "backward_method", lambda name, T, **kw: Amplified() if name == "RBP" else original(name, T, **kw)
-    )
+    _replace_rbp_backward(hopfield, monkeypatch, Amplified())
     rc, metrics = _small_run(hopfield, tmp_path / "diverged", "RBP,Neumann-RBP")
     assert rc == 0
     rbp = metrics["methods"]["RBP"]
@@ -150,9 +155,7 @@ def test_divergence_is_a_result_and_a_bug_is_not(hopfield, tmp_path, monkeypatch
     assert "backward solve" in rbp["reason"]
     assert metrics["methods"]["Neumann-RBP"]["status"] == "ok"
 
-    monkeypatch.setattr(
-        hopfield, "backward_method", lambda name, T, **kw: Broken() if name == "RBP" else original(name, T, **kw)
-    )
+    _replace_rbp_backward(hopfield, monkeypatch, Broken())
     rc, metrics = _small_run(hopfield, tmp_path / "broken", "RBP,Neumann-RBP")
     assert rc == 1
     assert metrics["methods"]["RBP"]["status"] == "error"
@@ -171,10 +174,7 @@ def test_skip_on_diverged_skips_the_step_and_nonfinite_still_stops(hopfield, tmp
     pytest.importorskip("torch")
     pytest.importorskip("matplotlib")
     pytest.importorskip("tqdm")
-    original = hopfield.backward_method
-    monkeypatch.setattr(
-        hopfield, "backward_method", lambda name, T, **kw: Amplified() if name == "RBP" else original(name, T, **kw)
-    )
+    _replace_rbp_backward(hopfield, monkeypatch, Amplified())
     argv = ["--epochs", "3", "--hidden", "16", "--images", "2", "--truncation", "5", "--on-diverged", "skip"]
     assert hopfield.main([*argv, "--methods", "RBP,Neumann-RBP", "--out", str(tmp_path / "a")]) == 0
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
@@ -188,9 +188,7 @@ def test_skip_on_diverged_skips_the_step_and_nonfinite_still_stops(hopfield, tmp
     assert neumann["skipped_steps"] == []
     assert neumann["train_curve"][2] < neumann["train_curve"][0]
     # a non-finite solve is not skipped: it stops the method
-    monkeypatch.setattr(
-        hopfield, "backward_method", lambda name, T, **kw: _NaNs() if name == "RBP" else original(name, T, **kw)
-    )
+    _replace_rbp_backward(hopfield, monkeypatch, _NaNs())
     assert hopfield.main([*argv, "--methods", "RBP", "--out", str(tmp_path / "b")]) == 0
     rbp = json.loads((tmp_path / "b" / "metrics.json").read_text())["methods"]["RBP"]
     assert rbp["status"] == "diverged"
@@ -275,7 +273,6 @@ def test_merge_rules_for_truncation_time_limit_and_older_runs(hopfield, tmp_path
 
 def test_divergence_factor_reaches_the_rbp_methods(hopfield, tmp_path, monkeypatch):
     pytest.importorskip("torch")
-    import rbp_core
 
     assert hopfield.main(["--divergence-factor", "1", "--out", str(tmp_path)]) == 2
     for name in ("RBP", "Neumann-RBP"):
