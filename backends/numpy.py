@@ -156,7 +156,10 @@ def implicit_gradient(
 
     See :func:`rbp_core.implicit_gradient` for the parameters; the worked
     example in the documentation differentiates a small nonlinear simulator
-    with hand-written derivatives.
+    with hand-written derivatives. An array-like ``loss_grad`` that is not a
+    NumPy array (a list, a scalar) takes the state's dtype; a NumPy array, given
+    or returned by a callable ``loss_grad``, must match ``h*`` in shape and
+    dtype, and is refused otherwise with an error that names ``loss_grad``.
 
     Examples
     --------
@@ -176,7 +179,10 @@ def implicit_gradient(
     """
     h0_arr = as_state(h0, "h0")
     g: NDArray | Callable[[NDArray], NDArray]
-    g = loss_grad if callable(loss_grad) else as_state(loss_grad, "loss_grad")
+    if callable(loss_grad) or isinstance(loss_grad, np.ndarray):
+        g = loss_grad
+    else:  # a list or a scalar has no dtype of its own: it takes the state's
+        g = as_state(loss_grad, "loss_grad").astype(h0_arr.dtype)
     return rbp_core.implicit_gradient(
         f,
         h0_arr,

@@ -152,9 +152,9 @@ def backward_method(name: str, T: int, divergence_factor: float | None = None) -
     z_0 = 0, so z_1 = g costs no VJP and T iterations sum T terms); Neumann(steps=T - 1) makes T - 1
     VJPs, the T terms g, J^T g, ..., (J^T)^(T-1) g, which equals TBPTT(steps=T) at an exact fixed point.
 
-    ``divergence_factor``, when given, replaces the library's default (1e4) of original RBP and
-    Neumann-RBP: a backward solve whose monitored norm (a residual, a series term) exceeds that factor
-    times the smallest so far is DIVERGED. CG-RBP has no such test (its residuals need not decrease).
+    ``divergence_factor``, when given, replaces the library's defaults of original RBP (1e4) and
+    Neumann-RBP (10): a backward solve whose monitored norm (a residual, a series term) exceeds that
+    factor times the smallest so far is DIVERGED. CG-RBP has no such test (its residuals need not decrease).
     """
     import rbp_core
     from rbp_core.backends.torch import BPTT, TBPTT

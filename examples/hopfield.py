@@ -66,7 +66,7 @@ Run: ``python examples/hopfield.py [--quick] [--out DIR] [--data DIR] [--epochs 
 directory instead of the shipped ten images; ``--write-data``: with ``--data``, regenerate
 examples/data/fashion_mnist_first10.npz from it; ``--divergence-factor F``: original RBP's and
 Neumann-RBP's backward solves are DIVERGED once their monitored norm exceeds F times the smallest so
-far, instead of the library's default 1e4; ``--merge DIR...``: combine runs of single methods, e.g. run
+far, instead of the library's defaults (1e4 for original RBP, 10 for Neumann-RBP); ``--merge DIR...``: combine runs of single methods, e.g. run
 side by side, into one output; runs of BPTT alone merge with runs of any truncation, since BPTT does
 not use it; ``--on-diverged skip``: a backward solve reported DIVERGED skips that training step, the
 gradient being the partial sum of a diverging series, instead of stopping the method; metrics.json
@@ -240,7 +240,7 @@ class Settings:
     b: float = 0.5
     lr: float = 1e-3
     time_limit: float | None = None  # seconds per method; training stops at the first epoch boundary past it
-    divergence_factor: float | None = None  # of RBP's and Neumann-RBP's backward solves; None: the library's 1e4
+    divergence_factor: float | None = None  # of RBP's and Neumann-RBP's backward solves; None: the library's defaults
     on_diverged: str = "stop"  # a DIVERGED backward solve: "stop" the method, or "skip" that training step
 
 
@@ -517,7 +517,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         metavar="F",
         help="RBP and Neumann-RBP: a backward solve whose norm grows past F times its smallest is "
-        "DIVERGED (default: the library's 1e4)",
+        "DIVERGED (default: the library's, 1e4 for original RBP and 10 for Neumann-RBP)",
     )
     p.add_argument(
         "--on-diverged",

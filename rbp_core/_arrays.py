@@ -42,6 +42,24 @@ def namespace_of(x: Array, name: str) -> Any:
     return xp
 
 
+_WIDE: dict[tuple[int, Any], bool] = {}
+
+
+def _flat(xp: Any, x: Array) -> Array:
+    """``x`` as a 1-d array whose squares can be summed: half precisions widened to float32.
+
+    float16 squares leave its range below 2.4e-4 and above 256 (bfloat16 keeps float32's range
+    but only 8 bits), so their sums of squares are taken in float32, whose range holds every
+    square of a float16 value; the decision is cached per dtype, off the hot path's cost.
+    """
+    flat = x if x.ndim == 1 else xp.reshape(x, (-1,))
+    key = (id(xp), flat.dtype)  # keyed by library too: dtypes of two libraries must never be compared
+    wide = _WIDE.get(key)
+    if wide is None:
+        wide = _WIDE[key] = xp.finfo(flat.dtype).bits < 32
+    return xp.astype(flat, xp.float32) if wide else flat
+
+
 def sqnorm(xp: Any, x: Array) -> Array:
     """Sum of squares over all elements, as a 0-d array (no device sync).
 
@@ -50,8 +68,9 @@ def sqnorm(xp: Any, x: Array) -> Array:
     no state-sized temporary as ``sum(x * x)`` does, and runs no Python wrapper
     code. This sits on every iteration's hot path, right after a VJP has evicted
     the caches, where each avoided layer is measurable (benchmarks/bench_core.py).
+    Half-precision arrays are summed in float32 (:func:`_flat`).
     """
-    flat = x if x.ndim == 1 else xp.reshape(x, (-1,))
+    flat = _flat(xp, x)
     return flat @ flat
 
 
@@ -75,13 +94,14 @@ def norm(xp: Any, x: Array) -> float:
     the norm is recomputed with scaling, so a finite array never reports an
     infinite or zero norm. A non-finite array reports ``nan`` or ``inf``.
 
-    Only the slow path silences NumPy's floating-point warnings: entering
-    ``numpy.errstate`` on every call costs more than the rest of an iteration's
-    bookkeeping, so an overflowing fast path may emit NumPy's RuntimeWarning
-    before the scaled recomputation returns the right value.
+    For the one-off norms of a solve's start and end. NumPy's floating-point
+    warnings are silenced for the sum of squares, whose overflow is handled
+    here; the solvers' per-iteration norms come from :func:`~rbp_core._vector.norm_from_sq`
+    instead, which spares the cost of ``numpy.errstate``.
     """
-    flat = x if x.ndim == 1 else xp.reshape(x, (-1,))
-    s = float(flat @ flat)  # sqnorm, inlined: this line runs once per iteration of every solver
+    flat = _flat(xp, x)
+    with _quiet(xp):
+        s = float(flat @ flat)
     if 0.0 < s < math.inf:
         return math.sqrt(s)
     return slow_norm(xp, x, s)
@@ -90,9 +110,11 @@ def norm(xp: Any, x: Array) -> float:
 def slow_norm(xp: Any, x: Array, s: float) -> float:
     """The norm of ``x`` when its plain sum of squares ``s`` is 0, infinite or NaN.
 
-    Decides between a true zero, an underflow, an overflow (both rescaled, see
-    :func:`_scaled_norm`) and a non-finite array (``nan`` if ``s`` is NaN, else ``inf``).
+    Decides between a true zero (an empty array included), an underflow, an overflow (both
+    rescaled, see :func:`_scaled_norm`) and a non-finite array (``nan`` if ``s`` is NaN, else ``inf``).
     """
+    if size(x) == 0:
+        return 0.0
     with _quiet(xp):
         if not bool(xp.all(xp.isfinite(x))):
             return math.nan if math.isnan(s) else math.inf
@@ -241,3 +263,30 @@ def same_kind(xp: Any, x: Array, like: Array, name: str) -> None:
 def eps(xp: Any, dtype: Any) -> float:
     """Machine epsilon of a real floating dtype."""
     return float(xp.finfo(dtype).eps)
+
+
+def sum_eps(xp: Any, dtype: Any) -> float:
+    """Machine epsilon of the precision that sums of squares of ``dtype`` accumulate in (float32 for halves)."""
+    return eps(xp, xp.float32 if xp.finfo(dtype).bits < 32 else dtype)
+
+
+def size(x: Array) -> int:
+    """Number of elements (``x.size`` may be None in the standard, for lazy arrays)."""
+    return math.prod(x.shape)
+
+
+def scale_pow2(xp: Any, x: Array, e: int) -> Array:
+    """``x * 2^e``, exactly unless the result leaves the normal range; ``x`` itself when ``e == 0``.
+
+    The factor is applied in steps that the dtype can represent (float16's largest power of two is
+    2^15), each moving every element monotonically towards the result, so that no intermediate
+    underflows or overflows where the result does not. A Python float factor keeps ``x``'s dtype.
+    """
+    if e == 0:
+        return x
+    top = math.frexp(float(xp.finfo(x.dtype).max))[1] - 1  # the largest power of two of the dtype
+    while e != 0:
+        step = max(-top, min(top, e))
+        x = x * math.ldexp(1.0, step)
+        e -= step
+    return x

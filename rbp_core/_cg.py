@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 from ._arrays import (
     Array,
     CheckedCallback,
     check_contraction,
     check_int,
+    eps,
     namespace_of,
     norm,
     same_kind,
+    scale_pow2,
 )
+from ._certificate import residual_bound
 from ._defaults import DEFAULT_MAX_ITER, resolve_tol
-from ._monitor import adjoint_monitor, nonfinite_input
+from ._monitor import adjoint_monitor, trivial_input
 from ._solution import Solution, Status
 from ._vector import norm_from_sq, vector_ops
 
@@ -61,7 +65,8 @@ def cg_rbp(
         A bound ``mu < 1`` on ``||J||_2``. At the end the residual of the
         returned value is evaluated afresh (one more VJP, so that rounding in
         the updated residual cannot make the bound optimistic) and
-        ``error_bound = ||r|| / (1 - mu)``. The norms ``||J r_0||/||r_0||`` and
+        ``error_bound = (||r|| + delta) / (1 - mu)``, with an allowance
+        ``delta`` for rounding. The norms ``||J r_0||/||r_0||`` and
         ``||J^T z||/||z||`` seen on the way are checked against ``mu``; a
         larger one raises :class:`~rbp_core.ContractionViolation`.
     throw : bool
@@ -72,7 +77,11 @@ def cg_rbp(
     Solution
         ``residual_norms[i-1] = ||g - (I - J^T) z_i||`` as updated by the
         recurrence. ``BREAKDOWN`` means a search direction ``p`` with
-        ``(I - J^T) p = 0``: the system is singular.
+        ``(I - J^T) p = 0`` up to the rounding of that difference: the system
+        is singular. The solve runs on ``g`` scaled by a power of two to unit
+        norm (exactly), so its squared norms stay in range for any scale of
+        ``g``, and the solution for ``s * g`` is ``s`` times the solution for
+        ``g``, to rounding.
 
     Examples
     --------
@@ -90,27 +99,36 @@ def cg_rbp(
     op = CheckedCallback(vjp, "vjp", g, xp)
     op_t = CheckedCallback(jvp, "jvp", g, xp)
     gnorm = norm(xp, g)
+    # CG's recurrences square norms (gamma = ||A^T r||^2, delta = ||A p||^2), which leave the
+    # dtype's range long before the vectors do. The system is linear, so it is solved for g / 2^e
+    # with ||g / 2^e|| in [0.5, 1): exact scalings by a power of two, undone on the way out, that
+    # keep every squared norm near 1 for any scale of g. The Monitor reports in the caller's units.
+    e = math.frexp(gnorm)[1] if 0.0 < gnorm < math.inf else 0
+    gs = scale_pow2(xp, g, -e)
+    gnorm_s = math.ldexp(gnorm, -e)
     mon = adjoint_monitor(
-        "cg_rbp", xp, g, gnorm, max_iter=max_iter, threshold=tol * gnorm, contraction=mu, successive_images=False
+        "cg_rbp", xp, gs, gnorm_s, max_iter=max_iter, threshold=tol * gnorm_s, contraction=mu, successive_images=False
     )
-    if not math.isfinite(gnorm):
-        return nonfinite_input(mon, xp, g, gnorm, throw=throw)
+    mon.unit = math.ldexp(1.0, e)
+    trivial = trivial_input(mon, xp, g, gnorm, certified=mu is not None, throw=throw)
+    if trivial is not None:
+        return trivial
 
     if z0 is None:
         z = xp.zeros_like(g)
-        r = g
-        rnorm = gnorm
+        r = gs
+        rnorm = gnorm_s
     else:
         same_kind(xp, z0, g, "z0")
-        z = z0
-        r = g - z + op(z)
+        z = scale_pow2(xp, z0, -e)
+        r = gs - z + op(z)
         rnorm = norm(xp, r)
         if not math.isfinite(rnorm):
             mon.history.append(rnorm)
             return mon.finish(xp.asarray(z0, copy=True), Status.NONFINITE, num_vjp=op.calls, throw=throw)
 
     ops = vector_ops(xp)
-    status: Status | None = Status.SUCCESS if rnorm <= tol * gnorm else None
+    status: Status | None = Status.SUCCESS if rnorm <= tol * gnorm_s else None
     if status is None:
         s, gamma = ops.sub_sq(r, op_t(r))  # A^T r = r - J r and ||A^T r||^2
         p = s
@@ -119,11 +137,13 @@ def cg_rbp(
     # gamma and delta stay on the arrays' device (0-d arrays): the residual norm is the only
     # value each iteration brings to the host.
     while status is None:
-        q, delta = ops.sub_sq(p, op(p))  # A p and ||A p||^2
+        jtp = op(p)
+        q, delta = ops.sub_sq(p, jtp)  # A p and ||A p||^2
         z_new, r_new, rho = ops.cg_update(z, p, r, q, gamma, delta)  # alpha = gamma / delta
         rnorm_new = norm_from_sq(xp, rho, r_new)
-        if not math.isfinite(rnorm_new) and float(delta) == 0.0:
-            # (I - J^T) p = 0 for a search direction p != 0: the system is singular.
+        # CGLS never increases the residual in exact arithmetic: a step that does, or a NaN from
+        # delta = 0, asks whether A p vanished relative to its operands, a singular system.
+        if not rnorm_new <= rnorm and _annihilated(xp, q, p, jtp):
             mon.history.append(rnorm)
             status = Status.BREAKDOWN
             break
@@ -141,9 +161,17 @@ def cg_rbp(
     assert status is not None  # the loop only ends with a status
     bound = None
     if mu is not None and status is not Status.NONFINITE:
-        jz = op(z)
-        bound = norm(xp, g - z + jz) / (1.0 - mu)
-        mon.check_ratio(norm(xp, jz), norm(xp, z))
+        bound = residual_bound(xp, op, gs, z, gnorm_s, mu, mon)
+    z = scale_pow2(xp, z, e)
     if z is z0:
         z = xp.asarray(z, copy=True)
     return mon.finish(z, status, num_vjp=op.calls, num_jvp=op_t.calls, error_bound=bound, throw=throw)
+
+
+def _annihilated(xp: Any, q: Array, p: Array, jtp: Array) -> bool:
+    """Whether ``q = p - J^T p`` is zero up to the rounding of that difference: zero curvature.
+
+    Only asked when a step went wrong, so its two extra norms (host transfers) are off the hot path.
+    """
+    qnorm = norm(xp, q)
+    return qnorm <= 2.0 * eps(xp, q.dtype) * (norm(xp, p) + norm(xp, jtp))

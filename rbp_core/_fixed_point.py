@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
+from typing import Any
 
 from ._arrays import Array, CheckedCallback, check_contraction, check_int, check_nonnegative, eps, namespace_of, norm
+from ._certificate import norm_slack
 from ._defaults import DEFAULT_DIVERGENCE_FACTOR, DEFAULT_MAX_ITER, check_divergence_factor, resolve_tol
-from ._monitor import Monitor, nonfinite_input
+from ._monitor import Monitor, trivial_input
 from ._solution import Solution, Status
 from ._vector import norm_from_sq, vector_ops
 
@@ -62,8 +64,10 @@ def fixed_point(
         Absolute floor of the stopping test.
     contraction : float, optional
         A Lipschitz bound ``mu < 1`` of ``F``. With the damped map's constant
-        ``m = 1 - damping + damping * mu`` it gives ``error_bound =
-        m/(1-m) * ||h_{t+1} - h_t||``, a bound on ``||h_{t+1} - h*||``.
+        ``m = 1 - damping + damping * mu`` it gives ``error_bound``, a bound
+        on ``||h_{t+1} - h*||``: ``m/(1-m) * ||h_{t+1} - h_t||`` with
+        allowances for the rounding of the step, of its norm and of the damped
+        combination (``F`` as evaluated is taken as exact; docs/method.md).
     divergence_factor : float or None
         Status ``DIVERGED`` once the step norm exceeds this factor times the
         smallest step norm seen; None turns the test off.
@@ -104,19 +108,21 @@ def fixed_point(
         slack=root_eps * hnorm,
         rel_slack=root_eps,
     )
-    if not math.isfinite(hnorm):
-        return nonfinite_input(mon, xp, h0, hnorm, throw=throw)
+    trivial = trivial_input(mon, xp, h0, hnorm, certified=m is not None, throw=throw)
+    if trivial is not None:
+        return trivial
 
     ops = vector_ops(xp)
     h = h0
     dnorm = math.inf
+    hnorm_prev = hnorm
     status: Status | None = None
     while status is None:
         fh = op(h)
         h_new = fh if beta == 1.0 else (1.0 - beta) * h + beta * fh
         dsq, hsq = ops.step_sqs(h_new, h)  # one host transfer for both where the backend fuses them
         dnorm = norm_from_sq(xp, dsq, h_new, h)
-        hnorm = norm_from_sq(xp, hsq, h_new)
+        hnorm_prev, hnorm = hnorm, norm_from_sq(xp, hsq, h_new)
         threshold = max(tol * hnorm, atol)
         mon.slack = root_eps * hnorm
         status = mon.observe(dnorm if math.isfinite(hnorm) else math.nan, threshold)
@@ -126,7 +132,23 @@ def fixed_point(
 
     bound = None
     if m is not None and status is not Status.NONFINITE:
-        bound = 0.0 if m == 0.0 else m / (1.0 - m) * dnorm
+        bound = _step_bound(xp, h0, m, beta, dnorm, hnorm, hnorm_prev)
     if h is h0:
         h = xp.asarray(h, copy=True)
     return mon.finish(h, status, num_vjp=op.calls, error_bound=bound, throw=throw)
+
+
+def _step_bound(xp: Any, like: Array, m: float, beta: float, dnorm: float, hnorm: float, hnorm_prev: float) -> float:
+    """A bound on ``||h_{t+1} - h*||`` from the step that holds in floating point.
+
+    With ``T(h) = (1 - beta) h + beta F(h)`` an ``m``-contraction and ``h_{t+1} = T(h_t) + e``, where
+    ``e`` is the rounding of ``F``'s result (taken as at most one rounding per element, as for an
+    element-wise map) and of the damped combination, ``||h_{t+1} - h*|| <= (m D + (1 + m) E) / (1 - m)``
+    for ``D`` the true step norm and ``E >= ||e||``. ``D`` is bounded from the computed norm of the
+    computed difference.
+    """
+    ep = eps(xp, like.dtype)
+    slack = norm_slack(xp, like)
+    step = dnorm * slack * (1.0 + ep)
+    err = ep * hnorm if beta == 1.0 else ep * hnorm + 2.0 * ep * (hnorm + 2.0 * hnorm_prev)
+    return (m * step + (1.0 + m) * err * slack) / (1.0 - m) * (1.0 + 16 * 2.0**-53)

@@ -6,14 +6,29 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from ._arrays import Array
+from ._arrays import Array, namespace_of, same_kind
 from ._methods import BackwardMethod, FixedPointIteration
 from ._solution import Solution
 
 __all__ = ["ImplicitGradient", "implicit_backward", "implicit_gradient"]
 
 
-def _check_method(method: object) -> BackwardMethod:
+def check_instance(obj: object, name: str) -> None:
+    """Refuse a class where an instance is wanted (``rbp_core.OriginalRBP`` for ``rbp_core.OriginalRBP()``).
+
+    A method class has the protocol's attributes too, so the protocol check alone lets it through
+    and it fails later, deep inside a backward pass.
+    """
+    if isinstance(obj, type):
+        module = obj.__module__
+        public = "rbp_core" if module.startswith("rbp_core._") else module
+        msg = f"{name} must be an instance, not the class {obj.__name__}: pass {public}.{obj.__name__}() (with its settings)"
+        raise TypeError(msg)
+
+
+def check_method(method: object) -> BackwardMethod:
+    """``method``, checked to be an instance of a backward method."""
+    check_instance(method, "method")
     if not isinstance(method, BackwardMethod):
         msg = (
             "method must be a backward method such as rbp_core.Neumann(steps=20), "
@@ -78,7 +93,7 @@ def implicit_backward(
     >>> sol.num_vjp
     50
     """
-    method = _check_method(method)
+    method = check_method(method)
     solution = method.solve(vjp_state, g, jvp=jvp_state, z0=z0, contraction=contraction, throw=throw)
     return vjp_params(solution.value), solution
 
@@ -132,7 +147,8 @@ def implicit_gradient(
     h0 : array
         Starting point of the forward iteration.
     loss_grad : array or callable
-        ``dL/dh*``, or ``h* -> dL/dh*``.
+        ``dL/dh*``, or ``h* -> dL/dh*``: an array of the library, shape,
+        dtype and device of ``h*`` (checked; nothing is broadcast or promoted).
     vjp_state : callable
         ``(h, v) -> (dF/dh at h)^T v``.
     vjp_params : callable
@@ -170,17 +186,21 @@ def implicit_gradient(
     >>> res.gradient.shape, res.backward.converged
     ((2, 2), True)
     """
-    method = _check_method(method)
+    method = check_method(method)
     if method.needs_jvp and jvp_state is None:
         msg = f"{type(method).__name__} needs jvp_state, the callback (h, v) -> (dF/dh at h) v"
         raise ValueError(msg)
     forward = FixedPointIteration() if forward is None else forward
+    check_instance(forward, "forward")
     if not isinstance(cast("object", forward), FixedPointIteration):
         msg = f"forward must be a rbp_core.FixedPointIteration, got {forward!r}"
         raise TypeError(msg)
     fwd = forward.solve(f, h0, contraction=contraction, throw=throw)
     h = fwd.value
     g = loss_grad(h) if callable(loss_grad) else loss_grad
+    # Like h* in library, shape, dtype and device: a broadcastable or promotable g would give the
+    # gradient of another problem (or an error that blames the state).
+    same_kind(namespace_of(h, "h0"), g, h, "loss_grad(h*)" if callable(loss_grad) else "loss_grad")
     jvp = None if jvp_state is None else (lambda v: jvp_state(h, v))
     gradient, bwd = implicit_backward(
         lambda v: vjp_state(h, v),

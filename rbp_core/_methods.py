@@ -14,7 +14,12 @@ from typing import ClassVar, Protocol, runtime_checkable
 
 from ._arrays import Array, check_int, check_nonnegative
 from ._cg import cg_rbp
-from ._defaults import DEFAULT_DIVERGENCE_FACTOR, DEFAULT_MAX_ITER, check_divergence_factor
+from ._defaults import (
+    DEFAULT_DIVERGENCE_FACTOR,
+    DEFAULT_MAX_ITER,
+    NEUMANN_DIVERGENCE_FACTOR,
+    check_divergence_factor,
+)
 from ._fixed_point import check_damping, fixed_point
 from ._neumann import neumann_rbp
 from ._original import original_rbp
@@ -64,11 +69,11 @@ class Neumann:
     --------
     >>> import rbp_core
     >>> rbp_core.Neumann(steps=20)
-    Neumann(steps=20, divergence_factor=10000.0)
+    Neumann(steps=20, divergence_factor=10.0)
     """
 
     steps: int
-    divergence_factor: float | None = DEFAULT_DIVERGENCE_FACTOR
+    divergence_factor: float | None = NEUMANN_DIVERGENCE_FACTOR
     needs_jvp: ClassVar[bool] = False
     supports_warm_start: ClassVar[bool] = False
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ._arrays import Array, eps
+from ._arrays import Array, eps, size
 from ._errors import ContractionViolation, ConvergenceError
 from ._solution import Solution, Status
 
-__all__ = ["Monitor", "adjoint_monitor"]
+__all__ = ["Monitor", "adjoint_monitor", "nonfinite_input", "trivial_input"]
 
 
 class Monitor:
@@ -44,6 +44,13 @@ class Monitor:
         ratio of consecutive norms.
     slack, rel_slack : float
         Absolute and relative rounding allowances for that check.
+
+    Attributes
+    ----------
+    unit : float
+        What the monitored norms are multiplied by in the Solution (and its
+        tolerance and error bound): 1 unless the solver works on a scaled copy
+        of its problem, as :func:`~rbp_core.cg_rbp` does.
     """
 
     def __init__(
@@ -70,6 +77,8 @@ class Monitor:
         self.best = math.inf
         self.observed_ratio = 0.0
         self.violated = False
+        self.note = ""
+        self.unit = 1.0
 
     @property
     def num_steps(self) -> int:
@@ -92,6 +101,11 @@ class Monitor:
         if self.threshold is not None and r <= self.threshold:
             return Status.SUCCESS
         if self.divergence_factor is not None and r > self.divergence_factor * self.best:
+            self.note = (
+                f"it reached {r:.3e}, {r / self.best:.3g} times its smallest {self.best:.3e} "
+                f"(divergence_factor={self.divergence_factor:g}); if the growth is transient (a "
+                "non-normal Jacobian whose iteration still converges), raise divergence_factor or set it to None"
+            )
             return Status.DIVERGED
         self.best = min(self.best, r)
         if len(self.history) >= self.max_iter:
@@ -114,9 +128,10 @@ class Monitor:
         num_vjp: int,
         num_jvp: int = 0,
         error_bound: float | None = None,
+        note: str = "",
         throw: bool,
     ) -> Solution:
-        """Build the Solution; raise if it failed and ``throw`` is set."""
+        """Build the Solution; raise if it failed and ``throw`` is set. ``note`` replaces the Monitor's own."""
         if self.violated:
             if throw:
                 msg = (
@@ -126,6 +141,7 @@ class Monitor:
                 )
                 raise ContractionViolation(msg)
             error_bound = None
+        u = self.unit
         solution = Solution(
             value=value,
             status=status,
@@ -133,9 +149,10 @@ class Monitor:
             num_steps=len(self.history),
             num_vjp=num_vjp,
             num_jvp=num_jvp,
-            residual_norms=tuple(self.history),
-            tolerance=self.threshold,
-            error_bound=error_bound if status is not Status.NONFINITE else None,
+            residual_norms=tuple(r * u for r in self.history),
+            tolerance=None if self.threshold is None else self.threshold * u,
+            error_bound=error_bound * u if error_bound is not None and status is not Status.NONFINITE else None,
+            note=note or self.note,
         )
         if throw and not solution.converged:
             raise ConvergenceError(solution)
@@ -176,3 +193,26 @@ def nonfinite_input(mon: Monitor, xp: Any, like: Array, input_norm: float, *, th
     """The outcome of a solve whose input (``g`` or ``h0``) is not finite: zeros, status NONFINITE."""
     mon.history.append(input_norm)
     return mon.finish(xp.zeros_like(like), Status.NONFINITE, num_vjp=0, throw=throw)
+
+
+def trivial_input(
+    mon: Monitor, xp: Any, x: Array, input_norm: float, *, certified: bool, throw: bool
+) -> Solution | None:
+    """The outcome of a solve whose input needs no iteration, or None when it does.
+
+    A non-finite input is NONFINITE (:func:`nonfinite_input`). An empty state (size 0: an empty
+    batch, a graph without nodes) is its own fixed point and its adjoint is empty: SUCCESS with no
+    call of any callback, a copy of the input, and an exact error bound of 0 when certified.
+    """
+    if not math.isfinite(input_norm):
+        return nonfinite_input(mon, xp, x, input_norm, throw=throw)
+    if size(x) == 0:
+        return mon.finish(
+            xp.asarray(x, copy=True),
+            Status.SUCCESS,
+            num_vjp=0,
+            error_bound=0.0 if certified else None,
+            note="an empty state: nothing to solve",
+            throw=throw,
+        )
+    return None

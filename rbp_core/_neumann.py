@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 from ._arrays import Array, CheckedCallback, check_contraction, check_int, namespace_of, norm
-from ._defaults import DEFAULT_DIVERGENCE_FACTOR, check_divergence_factor
-from ._monitor import adjoint_monitor, nonfinite_input
+from ._certificate import residual_bound
+from ._defaults import NEUMANN_DIVERGENCE_FACTOR, check_divergence_factor
+from ._monitor import adjoint_monitor, trivial_input
 from ._solution import Solution, Status
 from ._vector import norm_from_sq, vector_ops
 
@@ -20,7 +20,7 @@ def neumann_rbp(
     *,
     steps: int,
     contraction: float | None = None,
-    divergence_factor: float | None = DEFAULT_DIVERGENCE_FACTOR,
+    divergence_factor: float | None = NEUMANN_DIVERGENCE_FACTOR,
     throw: bool = True,
 ) -> Solution:
     r"""Sum ``steps + 1`` terms of the Neumann series :math:`\sum_t (J^T)^t g`.
@@ -42,16 +42,21 @@ def neumann_rbp(
     steps : int
         ``K >= 0``, the number of VJPs.
     contraction : float, optional
-        A bound ``mu < 1`` on ``||J||_2``. Enables :attr:`!Solution.error_bound`
-        ``= min(mu/(1-mu) ||v_K||, mu^(K+1)/(1-mu) ||g||)``, which bounds the
-        truncation error ``||z_K - z*||``. A ratio ``||v_t|| / ||v_{t-1}||``
-        above ``mu`` disproves the bound and raises
-        :class:`~rbp_core.ContractionViolation`.
+        A bound ``mu < 1`` on ``||J||_2``. Enables :attr:`!Solution.error_bound`,
+        a bound on ``||z_K - z*||`` that holds in floating point: the residual
+        ``g - z_K + J^T z_K`` is evaluated afresh (one more VJP, counted in
+        ``num_vjp``) and ``error_bound = (||r|| + delta) / (1 - mu)`` with an
+        allowance ``delta`` for rounding (the method page says what it
+        assumes). A ratio ``||v_t|| / ||v_{t-1}||`` above ``mu`` disproves the
+        bound and raises :class:`~rbp_core.ContractionViolation`.
     divergence_factor : float or None
         Status ``DIVERGED`` as soon as a term's norm ``||v_t||`` exceeds this
-        factor times the smallest term norm so far (``||g||`` included): the
-        series then diverges (spectral radius of ``J`` above 1) and its partial
-        sum is no gradient. None turns the test off and returns any partial sum.
+        factor times the smallest term norm so far (``||g||`` included). The
+        default, 10, is far stricter than the tolerance-driven solvers' 1e4:
+        a truncated series has no later iterations to recover in, so terms that
+        grow tenfold mean the partial sum is no gradient (docs/method.md says
+        how the default was chosen). None turns the test off and returns any
+        partial sum.
     throw : bool
         Raise :class:`~rbp_core.ConvergenceError` when the series diverges or a
         non-finite value appears (default); otherwise return the failed
@@ -62,7 +67,9 @@ def neumann_rbp(
     Solution
         ``residual_norms`` holds ``||v_t||`` for ``t = 1..K``; ``status`` is
         ``SUCCESS`` once the ``K`` steps are done with finite values and no
-        sign of divergence.
+        sign of divergence: a truncation ran as asked, not a convergence
+        test. ``note`` says how many terms were summed and the size of the
+        last one relative to the first.
 
     Examples
     --------
@@ -72,8 +79,8 @@ def neumann_rbp(
     >>> sol = rbp_core.neumann_rbp(lambda v: J.T @ v, np.ones(2), steps=60, contraction=0.6)
     >>> np.allclose(sol.value, np.linalg.solve(np.eye(2) - J.T, np.ones(2)))
     True
-    >>> sol.num_vjp
-    60
+    >>> sol.num_vjp  # 60 terms and one more VJP for the certificate
+    61
     """
     xp = namespace_of(g, "g")
     steps = check_int(steps, "steps", 0)
@@ -91,8 +98,9 @@ def neumann_rbp(
         contraction=mu,
         divergence_factor=divergence_factor,
     )
-    if not math.isfinite(gnorm):
-        return nonfinite_input(mon, xp, g, gnorm, throw=throw)
+    trivial = trivial_input(mon, xp, g, gnorm, certified=mu is not None, throw=throw)
+    if trivial is not None:
+        return trivial
 
     mon.best = gnorm  # the zeroth term counts for the divergence test
     ops = vector_ops(xp)
@@ -115,7 +123,11 @@ def neumann_rbp(
 
     bound = None
     if mu is not None and status is Status.SUCCESS:
-        bound = 0.0 if mu == 0.0 else min(mu / (1 - mu) * vnorm, mu ** (steps + 1) / (1 - mu) * gnorm)
+        bound = residual_bound(xp, op, g, z, gnorm, mu, mon)
+    note = ""
+    if status is Status.SUCCESS:
+        ratio = f"{vnorm / gnorm:.3g}" if gnorm > 0.0 else "n/a"
+        note = f"summed {mon.num_steps + 1} terms of the series; the last, {vnorm:.3e}, is {ratio} times the first"
     if z is g:  # no term was added: hand back a copy, never the caller's array
         z = xp.asarray(g, copy=True)
-    return mon.finish(z, status, num_vjp=op.calls, error_bound=bound, throw=throw)
+    return mon.finish(z, status, num_vjp=op.calls, error_bound=bound, note=note, throw=throw)

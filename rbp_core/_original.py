@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 from ._arrays import Array, CheckedCallback, check_contraction, check_int, namespace_of, norm, same_kind
+from ._certificate import residual_bound
 from ._defaults import DEFAULT_DIVERGENCE_FACTOR, DEFAULT_MAX_ITER, check_divergence_factor, resolve_tol
-from ._monitor import adjoint_monitor, nonfinite_input
+from ._monitor import adjoint_monitor, trivial_input
 from ._solution import Solution, Status
 from ._vector import norm_from_sq, vector_ops
 
@@ -47,8 +47,10 @@ def original_rbp(
         Warm start. Without it ``z_0 = 0``, so ``z_1 = g`` costs no VJP and
         ``num_vjp = num_steps - 1``; with it every iteration costs one VJP.
     contraction : float, optional
-        A bound ``mu < 1`` on ``||J||_2``; gives ``error_bound =
-        mu/(1-mu) * ||z_i - z_{i-1}||``, a bound on ``||z_i - z*||``.
+        A bound ``mu < 1`` on ``||J||_2``; gives ``error_bound``, a bound on
+        ``||z_i - z*||`` that holds in floating point, from the residual of
+        the returned ``z_i`` evaluated afresh (one more VJP, counted in
+        ``num_vjp``): ``(||g - z_i + J^T z_i|| + delta) / (1 - mu)``.
     divergence_factor : float or None
         Status ``DIVERGED`` as soon as the residual norm exceeds this factor
         times the smallest residual norm seen; None turns the test off (for a
@@ -87,8 +89,9 @@ def original_rbp(
         contraction=mu,
         divergence_factor=divergence_factor,
     )
-    if not math.isfinite(gnorm):
-        return nonfinite_input(mon, xp, g, gnorm, throw=throw)
+    trivial = trivial_input(mon, xp, g, gnorm, certified=mu is not None, throw=throw)
+    if trivial is not None:
+        return trivial
     if gnorm == 0.0:
         bound0 = None if mu is None else 0.0
         return mon.finish(xp.zeros_like(g), Status.SUCCESS, num_vjp=0, error_bound=bound0, throw=throw)
@@ -112,7 +115,7 @@ def original_rbp(
 
     bound = None
     if mu is not None and status is not Status.NONFINITE:
-        bound = mu / (1.0 - mu) * rnorm
+        bound = residual_bound(xp, op, g, z, gnorm, mu, mon)
     if z is g or z is z0:
         z = xp.asarray(z, copy=True)
     return mon.finish(z, status, num_vjp=op.calls, error_bound=bound, throw=throw)

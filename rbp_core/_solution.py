@@ -14,7 +14,7 @@ class Status(enum.Enum):
 
     SUCCESS = "converged"
     MAX_STEPS = "the maximum number of iterations was reached before the tolerance was met"
-    DIVERGED = "the iteration diverged (its residual grew without bound)"
+    DIVERGED = "the iteration diverged (its monitored norm grew past divergence_factor times its smallest value)"
     NONFINITE = "a non-finite value (NaN or Inf) appeared"
     BREAKDOWN = "conjugate-gradient breakdown (zero curvature: I - J^T is singular on the search direction)"
 
@@ -51,8 +51,14 @@ class Solution:
         methods that run a fixed number of steps.
     error_bound : float or None
         Given a contraction bound ``mu`` on the Jacobian's 2-norm, a bound on
-        the 2-norm distance between :attr:`!value` and the exact solution;
-        None when no contraction bound was given or it was shown false.
+        the 2-norm distance between :attr:`!value` and the exact solution,
+        rounding included (see the certificates in the method page); None
+        when no contraction bound was given or it was shown false.
+    note : str
+        What the status alone does not say, in words: for a truncated
+        Neumann series the number of terms and the size of the last one
+        relative to the first; for ``DIVERGED`` the growth that tripped the
+        test, the setting, and how to relax it. Empty otherwise.
     """
 
     value: Any
@@ -64,6 +70,7 @@ class Solution:
     residual_norms: tuple[float, ...]
     tolerance: float | None
     error_bound: float | None
+    note: str = ""
 
     @property
     def converged(self) -> bool:
@@ -79,10 +86,13 @@ class Solution:
             if self.method == "fixed_point"
             else f"{self.num_vjp} VJP, {self.num_jvp} JVP calls"
         )
-        return (
-            f"{self.method}: {self.status.value} after {self.num_steps} iterations ({calls}); "
-            f"last residual norm {last}, tolerance {tol}"
+        # A fixed number of steps (Neumann-RBP) has nothing to converge to: say what ran.
+        fixed = self.tolerance is None and self.converged
+        outcome = (
+            f"ran {self.num_steps} iterations" if fixed else f"{self.status.value} after {self.num_steps} iterations"
         )
+        note = f"; {self.note}" if self.note else ""
+        return f"{self.method}: {outcome} ({calls}); last residual norm {last}, tolerance {tol}{note}"
 
     def __repr__(self) -> str:
         bound = "None" if self.error_bound is None else f"{self.error_bound:.3e}"

@@ -65,8 +65,15 @@ class VectorOps:
         return z + alpha * p, r_new, sqnorm(self.xp, r_new)
 
     def xpby(self, s: Array, p: Array, gamma_new: Array, gamma: Array) -> Array:
-        """``s + (gamma_new / gamma) p``: CG's next search direction."""
-        return s + (gamma_new / gamma) * p
+        """``s + (gamma_new / gamma) p``: CG's next search direction.
+
+        The ratio of two 0-d arrays is cast to ``s``'s dtype: half-precision sums of squares come
+        in float32 (:func:`~rbp_core._arrays.sqnorm`), which would otherwise promote the direction.
+        """
+        beta = gamma_new / gamma
+        if hasattr(beta, "dtype") and beta.dtype != s.dtype:
+            beta = self.xp.astype(beta, s.dtype)
+        return s + beta * p
 
     def step_sqs(self, new: Array, old: Array) -> tuple[float, float]:
         """``(||new - old||^2, ||new||^2)`` as host floats: the fixed-point iteration's two norms."""

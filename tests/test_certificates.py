@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import rbp_core
+from strategies import Problem, eps, problems
 
 MU = 0.6
 G = np.array([3.0, -4.0])  # ||G|| = 5
@@ -85,3 +88,71 @@ def test_no_contraction_no_bound(backend) -> None:
     g = backend.asarray(np.zeros(2))
     assert rbp_core.original_rbp(lambda v: v, g).error_bound is None
     assert rbp_core.original_rbp(lambda v: v, g, contraction=0.5).error_bound == 0.0
+
+
+# --- the certificates hold in floating point, with no allowance -----------------------------------
+# The callbacks compute in extended precision and round once per element to the working dtype: the
+# rounding the certificates document as covered. The oracle is the extended-precision solution.
+EXT = np.longdouble
+
+
+def _exact_rounded(backend, M: np.ndarray, shape, dtype, shift: np.ndarray | None = None):
+    """``v -> M v (+ shift)``, computed in extended precision and rounded once per element to ``dtype``."""
+    M_ext = M.astype(EXT)
+    b_ext = EXT(0) if shift is None else shift.astype(EXT)
+
+    def apply(v):
+        out = M_ext @ backend.to_numpy(v).reshape(-1).astype(EXT) + b_ext
+        return backend.asarray(out.reshape(shape).astype(dtype), dtype)
+
+    return apply
+
+
+def _solve_ext(A: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``A^{-1} b`` to extended precision: a float64 solve refined with extended-precision residuals."""
+    A_ext, b_ext = A.astype(EXT), b.astype(EXT)
+    x = np.linalg.solve(A, b).astype(EXT)
+    for _ in range(4):
+        x = x + np.linalg.solve(A, (b_ext - A_ext @ x).astype(np.float64)).astype(EXT)
+    return x
+
+
+def _ext_norm(x) -> EXT:
+    return np.sqrt(np.sum(np.asarray(x, dtype=EXT) ** 2))
+
+
+@given(problem=problems(), steps=st.integers(0, 40), method=st.sampled_from(["neumann", "original", "cg", "fixed"]))
+def test_true_error_never_exceeds_the_bound(backend, dtype, problem: Problem, steps: int, method: str) -> None:
+    J, g = problem.build()
+    J = J * (1 - 1e-9)  # ||J||_2 = mu exactly up to the rounding of the scaling: keep it strictly below
+    n, shape, mu = problem.n, problem.shape, problem.mu
+    vjp = _exact_rounded(backend, J.T, shape, dtype)
+    gb = backend.asarray(g, dtype)
+    g_used = backend.to_numpy(gb).reshape(-1)  # g as rounded to dtype: the system being solved
+    tol = max(1e-6, 10 * n * eps(dtype) / (1 - mu))
+    if method == "neumann":
+        sol = rbp_core.neumann_rbp(vjp, gb, steps=steps, contraction=mu, divergence_factor=None)
+    elif method == "original":
+        sol = rbp_core.original_rbp(vjp, gb, tol=tol, max_iter=5000, contraction=mu)
+    elif method == "cg":
+        jvp = _exact_rounded(backend, J, shape, dtype)
+        sol = rbp_core.cg_rbp(vjp, jvp, gb, tol=tol, contraction=mu)
+    else:  # the forward solve of h = J h + g (F rounded once per element), whose bound is on h*
+        F = _exact_rounded(backend, J, shape, dtype, shift=g_used)
+        sol = rbp_core.fixed_point(F, gb, tol=tol, max_iter=10_000, contraction=mu)
+    exact = _solve_ext(np.eye(n) - (J if method == "fixed" else J.T), g_used)
+    true_error = _ext_norm(backend.to_numpy(sol.value).reshape(-1).astype(EXT) - exact)
+    assert sol.error_bound is not None
+    assert true_error <= sol.error_bound, (method, float(true_error), sol.error_bound)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+def test_issue_examples_of_optimistic_bounds(backend, dtype_name) -> None:
+    # 400 terms of 0.3^t: the truncation error is 1e-210, the rounding error is not.
+    g = backend.asarray(np.ones(1), dtype_name)
+    sol = rbp_core.neumann_rbp(lambda v: 0.3 * v, g, steps=400, contraction=0.3)
+    exact = EXT(1) / (1 - EXT(backend.to_numpy(backend.asarray(0.3 * np.ones(1), dtype_name))[0]))
+    true_error = abs(EXT(backend.to_numpy(sol.value)[0]) - exact)
+    assert true_error > 0
+    assert true_error <= sol.error_bound
+    assert sol.error_bound <= 20 * eps(dtype_name)

@@ -30,7 +30,9 @@ def test_reaches_fixed_point_of_affine_contraction(backend, dtype, problem: Prob
     # ||h - h*|| <= m/(1-m) ||h_{t+1} - h_t|| <= m/(1-m) tol ||h||, plus rounding of the map.
     slack = 10 * problem.n * eps(dtype) * norm(b) / (1 - problem.mu) ** 2
     assert sol.error_bound is not None
-    assert sol.error_bound <= m / (1 - m) * tol * norm(h) * (1 + 1e-9)
+    # (the bound's allowances: the computed step norm, and the rounding of a damped combination)
+    rounding_allowance = (1 + m) * eps(dtype) * norm(h) * (1 if damping == 1.0 else 7) * 1.01 / (1 - m)
+    assert sol.error_bound <= m / (1 - m) * tol * norm(h) * (1 + 4 * (problem.n + 2) * eps(dtype)) + rounding_allowance
     assert error <= sol.error_bound + slack
     assert sol.value.dtype == h0.dtype
 

@@ -1,0 +1,59 @@
+"""Error bounds that hold in floating point, not only in exact arithmetic.
+
+With ``||J||_2 <= mu < 1``, ``||(I - J^T)^{-1}||_2 <= 1 / (1 - mu)``, so any ``z`` satisfies
+``||z - z*|| <= ||g - z + J^T z|| / (1 - mu)``. The residual is evaluated afresh (one VJP) and
+every rounding between it and the bound is allowed for:
+
+- forming ``r = (g - z) + J^T z`` elementwise rounds each element by at most ``eps`` of the
+  operands' size, and a VJP computed to within one rounding per element (an element-wise map)
+  adds as much again, so ``delta = 2 eps (||g|| + ||z|| + ||J^T z||)``;
+- a computed 2-norm of ``n`` elements (sum of squares, then a square root) is within a relative
+  ``(n + 2) eps_s`` of the true norm, ``eps_s`` being the epsilon of the precision the sum
+  accumulates in (float32 for half precisions);
+- the host arithmetic (float64) adds a few units in the last place, covered by a factor.
+
+What is assumed, and so not covered: the callbacks' own rounding beyond one rounding per
+element (a matrix-vector product rounds up to about ``n eps |J^T| |z|``; that error, divided by
+``1 - mu``, comes on top), and the truth of ``mu``, which the iterations can only disprove.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ._arrays import Array, eps, norm, size, sum_eps
+from ._monitor import Monitor
+
+__all__ = ["norm_slack", "residual_bound"]
+
+_HOST = 1.0 + 16 * 2.0**-53
+"""Covers the rounding of the few float64 host operations that combine the norms."""
+
+
+def norm_slack(xp: Any, x: Array) -> float:
+    """``1 / (1 - (n + 2) eps_s)``: a computed norm of ``x`` times this bounds its true norm (inf if n is huge)."""
+    gamma = (size(x) + 2) * sum_eps(xp, x.dtype)
+    return 1.0 / (1.0 - gamma) if gamma < 1.0 else float("inf")
+
+
+def residual_bound(
+    xp: Any,
+    op: Callable[[Array], Array],
+    g: Array,
+    z: Array,
+    gnorm: float,
+    mu: float,
+    mon: Monitor,
+) -> float:
+    """``(||g - z + J^T z|| + delta) / (1 - mu)``, a bound on ``||z - z*||`` that holds in floating point.
+
+    Costs one call of ``op`` (``v -> J^T v``). The pair ``(||J^T z||, ||z||)`` it sees is one more
+    lower bound on ``||J||_2``, checked against ``mu`` through ``mon``.
+    """
+    jz = op(z)
+    rnorm = norm(xp, (g - z) + jz)
+    znorm, jznorm = norm(xp, z), norm(xp, jz)
+    mon.check_ratio(jznorm, znorm)
+    delta = 2.0 * eps(xp, g.dtype) * (gnorm + znorm + jznorm)
+    return (rnorm + delta) * norm_slack(xp, g) * _HOST / (1.0 - mu)
