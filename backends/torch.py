@@ -1,12 +1,13 @@
 """PyTorch adapter: fixed points whose gradients come from RBP, CG-RBP or Neumann-RBP.
 
-:func:`fixed_point` finds ``h* = f(h*)`` without an autograd graph and attaches
-autograd to one extra step of ``f`` at ``h*``. A hook on that step's output
-replaces the incoming gradient ``g = dL/dh*`` by the solution ``z`` of
-``(I - J^T) z = g`` (the chosen backward method of :mod:`rbp_core`, with VJPs
-from autograd through the stored step), so autograd then delivers
-``z^T dF/dw`` to every tensor that ``f`` uses: the implicit gradient, in memory
-that grows neither with the forward iterations nor with the backward steps.
+:func:`fixed_point` finds ``h* = f(h*)`` without an autograd graph and records
+one extra step ``y = f(h*)`` with autograd, the state requiring grad, at forward
+time. A hook on that step's output replaces the incoming gradient ``g = dL/dh*``
+by the solution ``z`` of ``(I - J^T) z = g`` (the chosen backward method of
+:mod:`rbp_core`, with VJPs from autograd through that same recorded step), so
+autograd then delivers ``z^T dF/dw`` to every tensor that ``f`` uses: the
+implicit gradient of the map exactly as it was evaluated in the forward pass, in
+memory that grows neither with the forward iterations nor with the backward steps.
 
 :class:`BPTT` and :class:`TBPTT` are the baselines of the paper: back-propagation
 through every forward update, or through the last ``K`` only.
@@ -24,6 +25,8 @@ from typing import Any, Literal, TypeAlias, cast
 import torch
 
 from rbp_core import BackwardMethod, ContractionViolation, ConvergenceError, FixedPointIteration, Solution, Status
+from rbp_core._arrays import check_contraction, check_int
+from rbp_core._implicit import check_instance
 
 __all__ = [
     "BPTT",
@@ -35,7 +38,8 @@ __all__ = [
 ]
 
 State: TypeAlias = torch.Tensor | tuple[torch.Tensor, ...]
-OnFailure: TypeAlias = Literal["warn", "raise", "ignore"]
+OnFailure: TypeAlias = Literal["skip", "raise", "warn", "ignore"]
+_POLICIES = ("skip", "raise", "warn", "ignore")
 JVPMode: TypeAlias = Literal["forward", "double-backward"]
 
 
@@ -71,9 +75,7 @@ class TBPTT:
     steps: int
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            msg = f"TBPTT steps must be an integer >= 1, got {self.steps!r}"
-            raise ValueError(msg)
+        check_int(self.steps, "TBPTT steps", 1)
 
 
 Backward: TypeAlias = BackwardMethod | BPTT | TBPTT
@@ -133,23 +135,43 @@ class _Packing:
                 raise TypeError(msg)
         self.shapes = [tuple(p.shape) for p in parts]
         self.sizes = [p.numel() for p in parts]
+        self.dtype, self.device = first.dtype, first.device
 
     def pack(self, state: State, name: str) -> torch.Tensor:
+        """``state`` (``f``'s output) as one flat tensor, each part checked like the state's own.
+
+        A part of another shape, dtype or device, or not a tensor at all, is refused naming ``name``
+        and the part: ``torch.cat`` would promote a float32 part of a float64 state silently.
+        """
         if not self.is_tuple:
-            if not isinstance(state, torch.Tensor):
-                msg = f"{name} returned a {type(state).__name__}; expected a tensor like the state"
-                raise TypeError(msg)
-            return state
+            self._check_part(state, 0, name, "")
+            return cast("torch.Tensor", state)
         if not isinstance(state, tuple) or len(state) != len(self.shapes):
             msg = (
                 f"{name} returned {type(state).__name__}; expected a tuple of {len(self.shapes)} tensors like the state"
             )
             raise TypeError(msg)
-        for i, (p, shape) in enumerate(zip(state, self.shapes, strict=True)):
-            if tuple(p.shape) != shape:
-                msg = f"{name} returned state[{i}] of shape {tuple(p.shape)}; expected {shape}"
-                raise ValueError(msg)
+        for i, p in enumerate(state):
+            self._check_part(p, i, name, f"state[{i}]")
         return torch.cat([p.reshape(-1) for p in state])
+
+    def _check_part(self, part: object, i: int, name: str, label: str) -> None:
+        shape, what = self.shapes[i], label or "an array"
+        if not isinstance(part, torch.Tensor):
+            msg = f"{name} returned {label or 'a'} {type(part).__name__}; expected a tensor of shape {shape} like the state"
+            raise TypeError(msg)
+        if tuple(part.shape) != shape:
+            msg = (
+                f"{name} returned {what} of shape {tuple(part.shape)}; expected shape {shape} (the shape of the state)"
+            )
+            raise ValueError(msg)
+        if part.dtype != self.dtype or part.device != self.device:
+            got = f"{label} of dtype" if label else "dtype"
+            msg = (
+                f"{name} returned {got} {part.dtype} on {part.device}; expected {self.dtype} on "
+                f"{self.device} (the dtype and device of the state)"
+            )
+            raise TypeError(msg)
 
     def unpack(self, flat: torch.Tensor) -> State:
         if not self.is_tuple:
@@ -159,6 +181,44 @@ class _Packing:
 
 
 # --- the public entry point ---------------------------------------------------------------------
+def _check_options(
+    backward: object, forward: object, contraction: object, jvp: object, on_backward_failure: object
+) -> FixedPointIteration:
+    """Validate the options of :func:`fixed_point` and :class:`FixedPoint`; return the forward solver."""
+    check_instance(backward, "backward")
+    check_instance(forward, "forward")
+    forward = FixedPointIteration() if forward is None else forward
+    if not isinstance(forward, FixedPointIteration):
+        msg = f"forward must be a rbp_core.FixedPointIteration, got {forward!r}"
+        raise TypeError(msg)
+    check_contraction(contraction)
+    if on_backward_failure not in _POLICIES:
+        msg = f"on_backward_failure must be one of {', '.join(map(repr, _POLICIES))}, got {on_backward_failure!r}"
+        raise ValueError(msg)
+    if jvp not in ("forward", "double-backward"):
+        msg = f"jvp must be 'forward' or 'double-backward', got {jvp!r}"
+        raise ValueError(msg)
+    if not isinstance(backward, BPTT | TBPTT | BackwardMethod):
+        msg = (
+            "backward must be rbp_core.Neumann, rbp_core.OriginalRBP, rbp_core.CGRBP (or another "
+            f"rbp_core.BackwardMethod), or rbp_core.backends.torch.BPTT / TBPTT; got {backward!r}"
+        )
+        raise TypeError(msg)
+    return forward
+
+
+def _refuse_functorch(name: str) -> None:
+    """The implicit backward is an autograd hook, which torch.func's transforms do not run: refuse loudly."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:  # inside torch.func.grad, vjp, vmap, ...
+        msg = (
+            f"fixed_point(backward={name}) cannot run inside a torch.func transform (grad, vjp, jacrev, "
+            "vmap, ...): its implicit backward is an autograd hook on the recorded step, which those "
+            "transforms do not call. Use torch.autograd.grad or loss.backward() outside torch.func, or "
+            "backward=BPTT() there."
+        )
+        raise RuntimeError(msg)
+
+
 def fixed_point(
     f: Callable[[Any], Any],
     h0: State,
@@ -167,7 +227,7 @@ def fixed_point(
     forward: FixedPointIteration | None = None,
     contraction: float | None = None,
     jvp: JVPMode = "double-backward",
-    on_backward_failure: OnFailure = "warn",
+    on_backward_failure: OnFailure = "skip",
     throw: bool = True,
 ) -> tuple[State, FixedPointInfo]:
     """Fixed point ``h* = f(h*)`` whose gradients come from ``backward``.
@@ -177,13 +237,17 @@ def fixed_point(
     f : callable
         ``h -> F(x, w, h)``: any function of the state that closes over tensors
         (inputs, ``nn.Module`` parameters). It must return a state of the same
-        structure, shapes and dtype.
+        structure, shapes, dtype and device. For the RBP methods it is
+        differentiated as it was evaluated here, at the call: the step ``f(h*)``
+        is recorded with autograd now, so inputs that change before
+        ``backward()`` (a loop variable the closure reads, a buffer refilled in
+        place) change nothing, or raise torch's in-place-modification error.
     h0 : Tensor or tuple of Tensor
         Starting point; batch axes are part of the state (the stopping test and
         inner products run over all elements). Never modified; gradients do not
-        flow into it.
+        flow into it. An empty state (no elements) is its own fixed point.
     backward : BackwardMethod, BPTT or TBPTT
-        :class:`rbp_core.Neumann`, :class:`rbp_core.OriginalRBP`,
+        An instance: :class:`rbp_core.Neumann`, :class:`rbp_core.OriginalRBP`,
         :class:`rbp_core.CGRBP` (implicit, constant memory), or the baselines
         :class:`BPTT` and :class:`TBPTT`.
     forward : FixedPointIteration, optional
@@ -193,21 +257,28 @@ def fixed_point(
         backward solves (``info.forward.error_bound``, ``info.backward[i].error_bound``).
     jvp : {"double-backward", "forward"}
         How CG-RBP gets ``J v``. ``"double-backward"`` (default): the graph of
-        ``J^T u`` is recorded once per backward pass and each product is one
-        reverse pass through it (needs double-backward support of the ops in
-        ``f``). ``"forward"``: forward-mode AD, ``torch.func.jvp``, one
-        forward-mode evaluation of ``f`` per product (needs forward-AD
-        support). benchmarks/bench_torch.py measured the forward mode at about
-        5 evaluations of ``f`` per product on a tanh RNN, twice the cost of the
-        double-backward products there.
-    on_backward_failure : {"warn", "raise", "ignore"}
-        What a backward solve that ends without converging (``MAX_STEPS``,
-        ``DIVERGED``, ``BREAKDOWN``) does: warn with
-        :class:`BackwardFailureWarning` naming the method, the residual and
-        the tolerance (default), raise :class:`rbp_core.ConvergenceError`, or
-        nothing. The same choice applies to a ``contraction`` that the backward
-        iteration disproves (warn, raise :class:`rbp_core.ContractionViolation`,
-        or only ``error_bound=None``). Non-finite values always raise.
+        ``J^T u`` is recorded once per backward pass through the recorded step
+        and each product is one reverse pass through it (needs double-backward
+        support of the ops in ``f``). ``"forward"``: forward-mode AD,
+        ``torch.func.jvp``, one forward-mode evaluation of ``f`` per product
+        (needs forward-AD support); since that re-evaluates ``f`` at backward
+        time, each product checks that ``f(h*)`` still equals the recorded step
+        and raises if not (an input changed, or ``f`` is random). benchmarks/bench_torch.py
+        measured the forward mode at about 5 evaluations of ``f`` per product on
+        a tanh RNN, twice the cost of the double-backward products there.
+    on_backward_failure : {"skip", "raise", "warn", "ignore"}
+        What a backward solve that does not converge (``MAX_STEPS``,
+        ``DIVERGED``, ``BREAKDOWN``, ``NONFINITE``) does to the gradient.
+        ``"skip"`` (default): this fixed point contributes nothing (a zero
+        cotangent) and a :class:`BackwardFailureWarning` says so, with the
+        solve's outcome; ``"raise"``: :class:`rbp_core.ConvergenceError`;
+        ``"warn"``: the unconverged adjoint is applied, with a warning;
+        ``"ignore"``: applied silently (read ``info.backward`` yourself). A
+        non-finite adjoint is never applied: under ``"warn"`` and ``"ignore"``
+        it raises ``FloatingPointError``. A ``contraction`` that the backward
+        iteration disproves warns (``"skip"``, ``"warn"``), raises
+        :class:`rbp_core.ContractionViolation` (``"raise"``), or only sets
+        ``error_bound=None``. A non-finite incoming gradient always raises.
     throw : bool
         Raise :class:`rbp_core.ConvergenceError` when the forward solve fails
         (default). With False a forward solve that reached its budget goes on
@@ -235,23 +306,7 @@ def fixed_point(
     >>> info.forward.converged, info.backward_converged, W.grad.shape
     (True, True, torch.Size([3, 3]))
     """
-    forward = FixedPointIteration() if forward is None else forward
-    if not isinstance(cast("object", forward), FixedPointIteration):
-        msg = f"forward must be a rbp_core.FixedPointIteration, got {forward!r}"
-        raise TypeError(msg)
-    if on_backward_failure not in ("warn", "raise", "ignore"):
-        msg = f"on_backward_failure must be 'warn', 'raise' or 'ignore', got {on_backward_failure!r}"
-        raise ValueError(msg)
-    if jvp not in ("forward", "double-backward"):
-        msg = f"jvp must be 'forward' or 'double-backward', got {jvp!r}"
-        raise ValueError(msg)
-    is_baseline = isinstance(backward, BPTT | TBPTT)
-    if not is_baseline and not isinstance(backward, BackwardMethod):
-        msg = (
-            "backward must be rbp_core.Neumann, rbp_core.OriginalRBP, rbp_core.CGRBP (or another "
-            f"rbp_core.BackwardMethod), or rbp_core.backends.torch.BPTT / TBPTT; got {backward!r}"
-        )
-        raise TypeError(msg)
+    forward = _check_options(backward, forward, contraction, jvp, on_backward_failure)
     packing = _Packing(h0)
     start = packing.pack(h0, "h0").detach()
 
@@ -274,18 +329,43 @@ def fixed_point(
         beta = forward.damping
         for _ in range(backward.steps):
             h = f_flat(h) if beta == 1.0 else (1.0 - beta) * h + beta * f_flat(h)
-        _require_grad(h, name)
+        _require_grad(h.requires_grad, name)
         return packing.unpack(h), info
 
     method = cast("BackwardMethod", backward)  # BPTT returned above, in both grad modes
-    # The returned step is a function of the parameters only (h* carries no grad): a user's
-    # loss.backward() then computes no gradient with respect to the state, which the hook's
-    # solve does instead. The hook holds h* and f, not y: no reference cycle keeps y's graph.
-    y = f_flat(h_star)
-    _require_grad(y, name)
-    hook = _ImplicitHook(h_star, f_flat, method, info, contraction, jvp, on_backward_failure)
-    y.register_hook(hook)  # type: ignore[no-untyped-call]
+    _refuse_functorch(name)
+    # The one recorded step, now: the hook's VJPs and the parameters' gradient both go through
+    # it, so the backward differentiates f as it was evaluated here. The returned y is a view of
+    # the step's output: the hook on y holds the output, and no reference cycle keeps its graph.
+    h_in = h_star.detach().requires_grad_()
+    out = f_flat(h_in)
+    _require_grad(_has_other_leaves(out, h_in), name)
+    # autograd computes the state's gradient of the recorded step too (it is on the graph): drop it.
+    h_in.register_post_accumulate_grad_hook(_drop_grad)
+    y = out.view_as(out)
+    y.register_hook(_ImplicitHook(h_in, out, f_flat, method, info, contraction, jvp, on_backward_failure))  # type: ignore[no-untyped-call]
     return packing.unpack(y), info
+
+
+def _drop_grad(t: torch.Tensor) -> None:
+    t.grad = None
+
+
+def _has_other_leaves(out: torch.Tensor, leaf: torch.Tensor) -> bool:
+    """Whether ``out``'s graph reaches a tensor that requires grad other than ``leaf``."""
+    stack, seen = [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
+        if variable is not None:
+            if variable is not leaf:
+                return True
+            continue
+        stack.extend(n for n, _ in node.next_functions)
+    return False
 
 
 def _bptt(
@@ -312,15 +392,17 @@ def _bptt(
         return fh.detach()
 
     sol = forward.solve(step, start, contraction=contraction, throw=throw)
+    if len(chain) == 1 and start.numel() == 0:  # an empty state is its own fixed point: record one step
+        step(start)
     # The core accepted every update but a non-finite last one (whose value it discards).
     h_out = chain[sol.num_vjp - 1] if sol.status is Status.NONFINITE else chain[-1]
-    _require_grad(h_out, name)
+    _require_grad(h_out.requires_grad, name)
     return packing.unpack(h_out), FixedPointInfo(forward=sol, method=name)
 
 
-def _require_grad(out: torch.Tensor, name: str) -> None:
+def _require_grad(carries_grad: bool, name: str) -> None:
     """A fixed point that carries no gradient under grad mode is an error, not a silent zero."""
-    if not out.requires_grad:
+    if not carries_grad:
         msg = (
             f"fixed_point(backward={name}): no tensor that f uses requires grad, so the fixed point "
             "would carry no gradient. Make the parameters or inputs of f require grad, or call it "
@@ -332,14 +414,15 @@ def _require_grad(out: torch.Tensor, name: str) -> None:
 class _ImplicitHook:
     """The gradient hook on ``y = f(h*)``: replaces ``g`` by ``z`` with ``(I - J^T) z = g``.
 
-    Each backward pass records one step ``out = f(h_in)`` with ``h_in = h*`` requiring grad,
-    takes the solver's VJPs (and JVPs) through it, and drops it: the state's graph exists only
-    while the backward solve runs.
+    ``out = f(h_in)`` is the step recorded at forward time with ``h_in = h*`` requiring grad; the
+    solver's VJPs (and JVPs) are reverse passes through it, with the graph retained for the
+    parameters' pass that autograd runs next.
     """
 
     def __init__(
         self,
-        h_star: torch.Tensor,
+        h_in: torch.Tensor,
+        out: torch.Tensor,
         f_flat: Callable[[torch.Tensor], torch.Tensor],
         method: BackwardMethod,
         info: FixedPointInfo,
@@ -347,7 +430,8 @@ class _ImplicitHook:
         jvp_mode: JVPMode,
         on_failure: OnFailure,
     ) -> None:
-        self.h_star = h_star
+        self.h_in = h_in
+        self.out = out
         self.f_flat = f_flat
         self.method = method
         self.info = info
@@ -355,39 +439,45 @@ class _ImplicitHook:
         self.jvp_mode = jvp_mode
         self.on_failure = on_failure
 
-    def _callbacks(
-        self,
-    ) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor] | None]:
-        """``vjp`` and, for methods that need it, ``jvp`` through one recorded step at ``h*``."""
-        with torch.enable_grad():
-            h_in = self.h_star.detach().requires_grad_()
-            out = self.f_flat(h_in)
+    def _vjp(self, v: torch.Tensor) -> torch.Tensor:
+        # materialize_grads: a map that ignores the state has J = 0, not an error.
+        (grad,) = torch.autograd.grad(self.out, self.h_in, v, retain_graph=True, materialize_grads=True)
+        return grad
 
-        def vjp(v: torch.Tensor) -> torch.Tensor:
-            (grad,) = torch.autograd.grad(out, h_in, v, retain_graph=True)
-            return grad
-
+    def _jvp(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """``v -> J v`` for the methods that need it, at the recorded step."""
         if not self.method.needs_jvp:
-            return vjp, None
+            return None
         if self.jvp_mode == "forward":
-
-            def jvp(v: torch.Tensor) -> torch.Tensor:
-                result = torch.func.jvp(self.f_flat, (self.h_star,), (v,))
-                tangent: torch.Tensor = result[1]
-                return tangent.detach()
-
-            return vjp, jvp
+            return self._forward_mode_jvp
         # Double backward: J^T u is linear in u, so the gradient of <J^T u, v> with respect to u is
         # J v. The graph of J^T u is recorded once per backward pass and differentiated per product.
         with torch.enable_grad():
-            u = torch.zeros_like(self.h_star, requires_grad=True)
-            (jtu,) = torch.autograd.grad(out, h_in, u, retain_graph=True, create_graph=True)
+            u = torch.zeros_like(self.out, requires_grad=True)
+            (jtu,) = torch.autograd.grad(
+                self.out, self.h_in, u, retain_graph=True, create_graph=True, materialize_grads=True
+            )
+        if not jtu.requires_grad:  # J^T u does not depend on u: J = 0
+            return torch.zeros_like
 
-        def jvp_double_backward(v: torch.Tensor) -> torch.Tensor:
-            (jv,) = torch.autograd.grad(jtu, u, v, retain_graph=True)
+        def jvp(v: torch.Tensor) -> torch.Tensor:
+            (jv,) = torch.autograd.grad(jtu, u, v, retain_graph=True, materialize_grads=True)
             return jv
 
-        return vjp, jvp_double_backward
+        return jvp
+
+    def _forward_mode_jvp(self, v: torch.Tensor) -> torch.Tensor:
+        """One forward-mode evaluation of ``f`` at ``h*``, refused unless it reproduces the recorded step."""
+        result = torch.func.jvp(self.f_flat, (self.h_in.detach(),), (v,))
+        primal, tangent = result[0], result[1]
+        if not torch.equal(primal.detach(), self.out.detach()):
+            msg = (
+                "jvp='forward' re-evaluates f at backward time, and f(h*) no longer equals the step "
+                "recorded in the forward pass (an input of f changed since, or f is random): its JVP "
+                "would belong to another map. Use jvp='double-backward', which differentiates the recorded step."
+            )
+            raise RuntimeError(msg)
+        return cast("torch.Tensor", tangent).detach()
 
     def __call__(self, g: torch.Tensor | None) -> torch.Tensor | None:
         if g is None:  # an undefined gradient (all zeros) stays undefined
@@ -399,32 +489,48 @@ class _ImplicitHook:
                 "the backward solve is not differentiable. Use BPTT or TBPTT for higher-order derivatives."
             )
             raise RuntimeError(msg)
-        vjp, jvp = self._callbacks()
-        solution = self.method.solve(vjp, g.detach(), jvp=jvp, contraction=self.contraction, throw=False)
+        solution = self.method.solve(self._vjp, g.detach(), jvp=self._jvp(), contraction=self.contraction, throw=False)
         # The record keeps everything but z, which autograd takes over: repeated backward passes
         # through one output must not pile up state-sized arrays in info.
         self.info.backward.append(dataclasses.replace(solution, value=None))
-        if solution.status is Status.NONFINITE:
-            where = "the incoming gradient dL/dh*" if not math.isfinite(_norm(g)) else "the backward iteration"
-            msg = f"{name}: non-finite values (NaN or Inf) in {where}; {solution.describe()}"
+        if solution.status is Status.NONFINITE and not math.isfinite(_norm(g)):
+            msg = f"{name}: non-finite values (NaN or Inf) in the incoming gradient dL/dh*; {solution.describe()}"
             raise FloatingPointError(msg)
-        if not solution.converged and self.on_failure != "ignore":
-            if self.on_failure == "raise":
-                raise ConvergenceError(solution)
-            warnings.warn(
-                f"backward solve {name} did not converge: {solution.describe()}; the gradient is inexact",
-                BackwardFailureWarning,
-                stacklevel=2,
-            )
-        if self.contraction is not None and solution.converged and solution.error_bound is None:
+        if not solution.converged:
+            return self._failed(solution, name, g)
+        if self.contraction is not None and solution.error_bound is None:
             msg = (
                 f"backward solve {name}: contraction={self.contraction!r} was disproved by the iteration; "
                 "no error bound is certified"
             )
             if self.on_failure == "raise":
                 raise ContractionViolation(msg)
-            if self.on_failure == "warn":
+            if self.on_failure != "ignore":
                 warnings.warn(msg, BackwardFailureWarning, stacklevel=2)
+        return cast("torch.Tensor", solution.value)
+
+    def _failed(self, solution: Solution, name: str, g: torch.Tensor) -> torch.Tensor:
+        """The cotangent that a failed solve hands to autograd, as ``on_backward_failure`` says."""
+        if self.on_failure == "raise":
+            raise ConvergenceError(solution)
+        if self.on_failure == "skip":
+            warnings.warn(
+                f"backward solve {name} did not converge: {solution.describe()}. This fixed point's "
+                "gradient was skipped (a zero cotangent); on_backward_failure='warn' applies the "
+                "unconverged adjoint instead, 'raise' stops",
+                BackwardFailureWarning,
+                stacklevel=3,
+            )
+            return torch.zeros_like(g)
+        if solution.status is Status.NONFINITE:
+            msg = f"{name}: non-finite values (NaN or Inf) in the backward iteration; {solution.describe()}"
+            raise FloatingPointError(msg)
+        if self.on_failure == "warn":
+            warnings.warn(
+                f"backward solve {name} did not converge: {solution.describe()}; the gradient is inexact",
+                BackwardFailureWarning,
+                stacklevel=3,
+            )
         return cast("torch.Tensor", solution.value)
 
 
@@ -479,10 +585,13 @@ class FixedPoint(torch.nn.Module):
         forward_solver: FixedPointIteration | None = None,
         contraction: float | None = None,
         jvp: JVPMode = "double-backward",
-        on_backward_failure: OnFailure = "warn",
+        on_backward_failure: OnFailure = "skip",
         throw: bool = True,
     ) -> None:
         super().__init__()
+        _check_options(
+            backward, forward_solver, contraction, jvp, on_backward_failure
+        )  # at construction, as torch layers do
         self.cell = cell
         self.backward_method = backward
         self.forward_solver = forward_solver

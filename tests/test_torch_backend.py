@@ -314,7 +314,7 @@ def test_f_changing_shape_or_dtype_is_refused() -> None:
     h0 = torch.zeros(3, dtype=F64)
     with pytest.raises(ValueError, match=r"f returned an array of shape \(2,\); expected shape \(3,\)"):
         fixed_point(lambda h: (0.5 * W @ h)[:2], h0, backward=rbp_core.Neumann(5))
-    with pytest.raises(TypeError, match=r"f returned dtype torch.float32; expected torch.float64"):
+    with pytest.raises(TypeError, match=r"f returned dtype torch.float32 on cpu; expected torch.float64"):
         fixed_point(lambda h: (0.5 * W @ h).float(), h0, backward=rbp_core.Neumann(5))
     with pytest.raises(TypeError, match=r"f returned Tensor; expected a tuple of 2 tensors"):
         fixed_point(lambda s: s[0], (h0, h0), backward=rbp_core.Neumann(5))
@@ -339,8 +339,10 @@ def test_bad_options() -> None:
         fixed_point(lambda h: W @ h, h0, backward="neumann")
     with pytest.raises(ValueError, match="on_backward_failure"):
         fixed_point(lambda h: W @ h, h0, backward=BPTT(), on_backward_failure="shout")
-    with pytest.raises(ValueError, match="TBPTT steps must be an integer >= 1"):
+    with pytest.raises(ValueError, match="TBPTT steps must be >= 1, got 0"):
         TBPTT(steps=0)
+    with pytest.raises(TypeError, match=r"TBPTT steps must be an integer, got 2\.5"):
+        TBPTT(steps=2.5)
     with pytest.raises(TypeError, match="tuple state must share dtype"):
         fixed_point(lambda s: s, (h0, h0.float()), backward=BPTT())
 
@@ -382,7 +384,13 @@ def test_disproved_contraction_follows_the_failure_policy(policy) -> None:
 
 
 def test_backward_makes_exactly_the_solvers_state_vjps() -> None:
-    """loss.backward() must not add a VJP with respect to the state beyond the solver's K."""
+    """The solver's K state VJPs, and one more only where autograd runs the whole recorded step.
+
+    The step recorded at forward time has the state requiring grad (so that the backward
+    differentiates f as it was evaluated then); loss.backward() runs all of its graph, the state's
+    branch included, whose result is dropped. torch.autograd.grad with the parameters as inputs
+    runs only the branches it needs: exactly the solver's K.
+    """
     calls = []
 
     class CountStateVJPs(torch.autograd.Function):
@@ -402,5 +410,12 @@ def test_backward_makes_exactly_the_solvers_state_vjps() -> None:
     )
     h.square().sum().backward()
     assert info.backward[0].num_vjp == 7
-    assert len(calls) == 7
+    assert len(calls) == 8
     assert info.backward[0].value is None  # the record does not keep z
+
+    calls.clear()
+    h, info = fixed_point(
+        lambda h: model(CountStateVJPs.apply(h), x), torch.zeros(2, 4, dtype=F64), backward=rbp_core.Neumann(7)
+    )
+    torch.autograd.grad(h.square().sum(), list(model.parameters()))
+    assert info.backward[0].num_vjp == len(calls) == 7
