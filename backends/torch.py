@@ -214,7 +214,7 @@ def _refuse_functorch(name: str) -> None:
             f"fixed_point(backward={name}) cannot run inside a torch.func transform (grad, vjp, jacrev, "
             "vmap, ...): its implicit backward is an autograd hook on the recorded step, which those "
             "transforms do not call. Use torch.autograd.grad or loss.backward() outside torch.func, or "
-            "backward=BPTT() there."
+            "backward=BPTT() or TBPTT(steps=K), which run under torch.func."
         )
         raise RuntimeError(msg)
 

@@ -275,7 +275,10 @@ def test_divergence_factor_reaches_the_rbp_methods(hopfield, tmp_path, monkeypat
     pytest.importorskip("torch")
 
     assert hopfield.main(["--divergence-factor", "1", "--out", str(tmp_path)]) == 2
-    defaults = {"RBP": rbp_core.OriginalRBP().divergence_factor, "Neumann-RBP": rbp_core.Neumann(steps=1).divergence_factor}
+    defaults = {
+        "RBP": rbp_core.OriginalRBP().divergence_factor,
+        "Neumann-RBP": rbp_core.Neumann(steps=1).divergence_factor,
+    }
     for name, default in defaults.items():
         assert hopfield.backward_method(name, 5, divergence_factor=20.0).divergence_factor == 20.0
         assert hopfield.backward_method(name, 5).divergence_factor == default

@@ -105,6 +105,15 @@ def test_torch_func_grad_is_refused_with_a_message_that_names_it() -> None:
     with pytest.raises(RuntimeError, match=r"cannot run inside a torch\.func transform.*torch\.autograd\.grad"):
         torch.func.grad(loss)(W0)
 
+    # The baselines that the message points to do run under torch.func, and agree with autograd.
+    def bptt_loss(W):
+        h, _ = fixed_point(lambda h: torch.tanh(W @ h + 1.0), torch.zeros(4, dtype=F64), backward=BPTT(), forward=TIGHT)
+        return h.sum()
+
+    W = W0.clone().requires_grad_()
+    bptt_loss(W).backward()
+    torch.testing.assert_close(torch.func.grad(bptt_loss)(W0), W.grad)
+
 
 # --- defect 6: a map that ignores the state ----------------------------------------------------------
 @pytest.mark.parametrize("jvp", ["double-backward", "forward"])
