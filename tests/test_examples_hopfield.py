@@ -308,3 +308,17 @@ def test_time_limit_stops_at_an_epoch_boundary(hopfield, tmp_path):
     assert m["stopped_by_time_limit"] is True
     assert m["epochs_completed"] == len(m["train_curve"]) == 1
     assert np.isfinite(m["test_recall_error"])
+
+
+def test_replay_records_every_series_and_reports_the_factors(tmp_path, capsys):
+    pytest.importorskip("torch")
+    with loaded_example("hopfield_replay") as replay:
+        rc = replay.main(["--epochs", "2", "--hidden", "16", "--images", "3", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = json.loads((tmp_path / "terms.json").read_text())
+    assert [(r["epoch"], r["step"]) for r in rows] == [(e, s) for e in (1, 2) for s in (1, 2, 3)]
+    assert all(len(r["terms"]) == 10 for r in rows)  # ||g|| and the 9 VJPs of truncation 10
+    out = capsys.readouterr().out
+    assert "6 backward solves, 3 per epoch" in out
+    assert out.count("none") == len([f for f in (2.0, 3.0, 5.0, 10.0, 20.0, 100.0, 1e4)])  # early: nothing grows
+    assert replay.trips([1.0, 0.5, 6.0], 10.0) == 2 and replay.trips([1.0, 0.5, 4.0], 10.0) is None
