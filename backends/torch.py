@@ -316,6 +316,8 @@ def fixed_point(
     name = type(backward).__name__
     if isinstance(backward, BPTT) and torch.is_grad_enabled():
         return _bptt(f_flat, start, forward, contraction, throw, packing, name)
+    if not isinstance(backward, TBPTT) and torch.is_grad_enabled():
+        _refuse_functorch(name)  # before the forward solve, which would be wasted
 
     with torch.no_grad():
         sol = forward.solve(f_flat, start, contraction=contraction, throw=throw)
@@ -333,7 +335,6 @@ def fixed_point(
         return packing.unpack(h), info
 
     method = cast("BackwardMethod", backward)  # BPTT returned above, in both grad modes
-    _refuse_functorch(name)
     # The one recorded step, now: the hook's VJPs and the parameters' gradient both go through
     # it, so the backward differentiates f as it was evaluated here. The returned y is a view of
     # the step's output: the hook on y holds the output, and no reference cycle keeps its graph.
