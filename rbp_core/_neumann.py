@@ -79,7 +79,7 @@ def neumann_rbp(
     >>> sol = rbp_core.neumann_rbp(lambda v: J.T @ v, np.ones(2), steps=60, contraction=0.6)
     >>> np.allclose(sol.value, np.linalg.solve(np.eye(2) - J.T, np.ones(2)))
     True
-    >>> sol.num_vjp  # 60 terms and one more VJP for the certificate
+    >>> sol.num_vjp  # 60 for the series, one for the certificate
     61
     """
     xp = namespace_of(g, "g")
