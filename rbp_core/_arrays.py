@@ -290,3 +290,21 @@ def scale_pow2(xp: Any, x: Array, e: int) -> Array:
         x = x * math.ldexp(1.0, step)
         e -= step
     return x
+
+
+def unit_scale(xp: Any, g: Array, gnorm: float) -> tuple[int, Array, float]:
+    """``(e, g / 2^e, ||g|| / 2^e)`` for a linear solve, with ``e = 0`` and ``g`` itself at ordinary scales.
+
+    A solve of ``(I - J^T) z = g`` is linear in ``g``: when ``||g||`` lies beyond a quarter of the
+    dtype's exponent range (about 1e77 and 1e-77 in float64, 2e9 and 5e-10 in float32), where its
+    vectors' sums of squares, or CG's squared norms, come near overflow or underflow, it is solved
+    for ``g / 2^e`` with ``||g / 2^e||`` in [0.5, 1), and the solution is scaled back by ``2^e``:
+    exact scalings by powers of two. Non-finite and zero norms are left alone.
+    """
+    if not 0.0 < gnorm < math.inf:
+        return 0, g, gnorm
+    e = math.frexp(gnorm)[1]
+    top = math.frexp(float(xp.finfo(g.dtype).max))[1] - 1
+    if abs(e) <= top // 4:
+        return 0, g, gnorm
+    return e, scale_pow2(xp, g, -e), math.ldexp(gnorm, -e)

@@ -16,6 +16,7 @@ from ._arrays import (
     norm,
     same_kind,
     scale_pow2,
+    unit_scale,
 )
 from ._certificate import residual_bound
 from ._defaults import DEFAULT_MAX_ITER, resolve_tol
@@ -78,10 +79,10 @@ def cg_rbp(
         ``residual_norms[i-1] = ||g - (I - J^T) z_i||`` as updated by the
         recurrence. ``BREAKDOWN`` means a search direction ``p`` with
         ``(I - J^T) p = 0`` up to the rounding of that difference: the system
-        is singular. The solve runs on ``g`` scaled by a power of two to unit
-        norm (exactly), so its squared norms stay in range for any scale of
-        ``g``, and the solution for ``s * g`` is ``s`` times the solution for
-        ``g``, to rounding.
+        is singular. At extreme scales of ``g`` the solve runs on ``g`` scaled
+        exactly by a power of two to unit norm, so its squared norms stay in
+        range, and the solution for ``s * g`` is ``s`` times the solution for
+        ``g``, to rounding, for any ``s``.
 
     Examples
     --------
@@ -100,12 +101,9 @@ def cg_rbp(
     op_t = CheckedCallback(jvp, "jvp", g, xp)
     gnorm = norm(xp, g)
     # CG's recurrences square norms (gamma = ||A^T r||^2, delta = ||A p||^2), which leave the
-    # dtype's range long before the vectors do. The system is linear, so it is solved for g / 2^e
-    # with ||g / 2^e|| in [0.5, 1): exact scalings by a power of two, undone on the way out, that
-    # keep every squared norm near 1 for any scale of g. The Monitor reports in the caller's units.
-    e = math.frexp(gnorm)[1] if 0.0 < gnorm < math.inf else 0
-    gs = scale_pow2(xp, g, -e)
-    gnorm_s = math.ldexp(gnorm, -e)
+    # dtype's range long before the vectors do: at extreme scales the solve runs on g / 2^e, undone
+    # on the way out (unit_scale). The Monitor reports in the caller's units.
+    e, gs, gnorm_s = unit_scale(xp, g, gnorm)
     mon = adjoint_monitor(
         "cg_rbp", xp, gs, gnorm_s, max_iter=max_iter, threshold=tol * gnorm_s, contraction=mu, successive_images=False
     )

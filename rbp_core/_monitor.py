@@ -101,8 +101,9 @@ class Monitor:
         if self.threshold is not None and r <= self.threshold:
             return Status.SUCCESS
         if self.divergence_factor is not None and r > self.divergence_factor * self.best:
+            u = self.unit
             self.note = (
-                f"it reached {r:.3e}, {r / self.best:.3g} times its smallest {self.best:.3e} "
+                f"it reached {r * u:.3e}, {r / self.best:.3g} times its smallest {self.best * u:.3e} "
                 f"(divergence_factor={self.divergence_factor:g}); if the growth is transient (a "
                 "non-normal Jacobian whose iteration still converges), raise divergence_factor or set it to None"
             )

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
-from ._arrays import Array, CheckedCallback, check_contraction, check_int, namespace_of, norm
+from ._arrays import Array, CheckedCallback, check_contraction, check_int, namespace_of, norm, scale_pow2, unit_scale
 from ._certificate import residual_bound
 from ._defaults import NEUMANN_DIVERGENCE_FACTOR, check_divergence_factor
 from ._monitor import adjoint_monitor, trivial_input
@@ -88,25 +89,27 @@ def neumann_rbp(
     divergence_factor = check_divergence_factor(divergence_factor)
     op = CheckedCallback(vjp, "vjp", g, xp)
     gnorm = norm(xp, g)
+    e, gs, gnorm_s = unit_scale(xp, g, gnorm)  # extreme scales: solved for g / 2^e, undone at the end
     mon = adjoint_monitor(
         "neumann_rbp",
         xp,
-        g,
-        gnorm,
+        gs,
+        gnorm_s,
         max_iter=steps,
         threshold=None,
         contraction=mu,
         divergence_factor=divergence_factor,
     )
+    mon.unit = math.ldexp(1.0, e)
     trivial = trivial_input(mon, xp, g, gnorm, certified=mu is not None, throw=throw)
     if trivial is not None:
         return trivial
 
-    mon.best = gnorm  # the zeroth term counts for the divergence test
+    mon.best = gnorm_s  # the zeroth term counts for the divergence test
     ops = vector_ops(xp)
-    z = g
-    v = g
-    vnorm = gnorm
+    z = gs
+    v = gs
+    vnorm = gnorm_s
     status = Status.SUCCESS
     for _ in range(steps):
         v = op(v)
@@ -123,11 +126,13 @@ def neumann_rbp(
 
     bound = None
     if mu is not None and status is Status.SUCCESS:
-        bound = residual_bound(xp, op, g, z, gnorm, mu, mon)
+        bound = residual_bound(xp, op, gs, z, gnorm_s, mu, mon)
     note = ""
     if status is Status.SUCCESS:
-        ratio = f"{vnorm / gnorm:.3g}" if gnorm > 0.0 else "n/a"
-        note = f"summed {mon.num_steps + 1} terms of the series; the last, {vnorm:.3e}, is {ratio} times the first"
+        ratio = f"{vnorm / gnorm_s:.3g}" if gnorm > 0.0 else "n/a"
+        last = vnorm * mon.unit
+        note = f"summed {mon.num_steps + 1} terms of the series; the last, {last:.3e}, is {ratio} times the first"
+    z = scale_pow2(xp, z, e)
     if z is g:  # no term was added: hand back a copy, never the caller's array
         z = xp.asarray(g, copy=True)
     return mon.finish(z, status, num_vjp=op.calls, error_bound=bound, note=note, throw=throw)

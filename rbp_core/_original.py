@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
-from ._arrays import Array, CheckedCallback, check_contraction, check_int, namespace_of, norm, same_kind
+from ._arrays import (
+    Array,
+    CheckedCallback,
+    check_contraction,
+    check_int,
+    namespace_of,
+    norm,
+    same_kind,
+    scale_pow2,
+    unit_scale,
+)
 from ._certificate import residual_bound
 from ._defaults import DEFAULT_DIVERGENCE_FACTOR, DEFAULT_MAX_ITER, check_divergence_factor, resolve_tol
 from ._monitor import adjoint_monitor, trivial_input
@@ -79,16 +90,18 @@ def original_rbp(
     divergence_factor = check_divergence_factor(divergence_factor)
     op = CheckedCallback(vjp, "vjp", g, xp)
     gnorm = norm(xp, g)
+    e, gs, gnorm_s = unit_scale(xp, g, gnorm)  # extreme scales: solved for g / 2^e, undone at the end
     mon = adjoint_monitor(
         "original_rbp",
         xp,
-        g,
-        gnorm,
+        gs,
+        gnorm_s,
         max_iter=max_iter,
-        threshold=tol * gnorm,
+        threshold=tol * gnorm_s,
         contraction=mu,
         divergence_factor=divergence_factor,
     )
+    mon.unit = math.ldexp(1.0, e)
     trivial = trivial_input(mon, xp, g, gnorm, certified=mu is not None, throw=throw)
     if trivial is not None:
         return trivial
@@ -97,16 +110,16 @@ def original_rbp(
         return mon.finish(xp.zeros_like(g), Status.SUCCESS, num_vjp=0, error_bound=bound0, throw=throw)
 
     if z0 is None:
-        z = g  # z_1 = J^T 0 + g, no VJP needed
-        rnorm = gnorm
+        z = gs  # z_1 = J^T 0 + g, no VJP needed
+        rnorm = gnorm_s
         status = mon.observe(rnorm)
     else:
         same_kind(xp, z0, g, "z0")
-        z = z0
+        z = scale_pow2(xp, z0, -e)
         status = None
     ops = vector_ops(xp)
     while status is None:
-        z_new, sq = ops.add_diff_sq(op(z), g, z)  # J^T z + g and ||z_new - z||^2, fused where possible
+        z_new, sq = ops.add_diff_sq(op(z), gs, z)  # J^T z + g and ||z_new - z||^2, fused where possible
         rnorm = norm_from_sq(xp, sq, z_new, z)
         status = mon.observe(rnorm)
         if status is Status.NONFINITE:
@@ -115,7 +128,8 @@ def original_rbp(
 
     bound = None
     if mu is not None and status is not Status.NONFINITE:
-        bound = residual_bound(xp, op, g, z, gnorm, mu, mon)
+        bound = residual_bound(xp, op, gs, z, gnorm_s, mu, mon)
+    z = scale_pow2(xp, z, e)
     if z is g or z is z0:
         z = xp.asarray(z, copy=True)
     return mon.finish(z, status, num_vjp=op.calls, error_bound=bound, throw=throw)

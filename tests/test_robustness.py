@@ -187,3 +187,32 @@ def test_truncated_series_says_what_it_did(backend) -> None:
     assert sol.note == "summed 5 terms of the series; the last, 8.839e-02, is 0.0625 times the first"
     assert sol.describe().startswith("neumann_rbp: ran 4 iterations")
     assert "converged" not in sol.describe()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("solver", ["neumann", "original"])
+def test_series_solvers_scale_with_g_without_warnings(backend, dtype, solver) -> None:
+    # Linear in g like CG: at extreme scales the solve runs on g / 2^e, so no sum of squares
+    # overflows (NumPy would warn: the suite turns warnings into errors) and z(s g) = s z(g).
+    J = np.array([[0.3, 0.2, 0.0], [-0.1, 0.4, 0.2], [0.0, 0.3, -0.5]])
+    vjp, _ = backend.matrix_callbacks(J, (3,), dtype)
+    g = np.array([1.0, -2.0, 0.5])
+
+    def run(s):
+        gb = backend.asarray(s * g, dtype)
+        if solver == "neumann":
+            return rbp_core.neumann_rbp(vjp, gb, steps=30, contraction=0.7)
+        return rbp_core.original_rbp(vjp, gb, tol=1e-5, contraction=0.7)
+
+    ref = run(1.0)
+    base = backend.to_numpy(ref.value)
+    for s in SCALES[dtype]:
+        sol = run(s)
+        assert sol.converged, (s, sol.describe())
+        assert np.linalg.norm(backend.to_numpy(sol.value) / s - base) <= 16 * 3 * eps(dtype) * np.linalg.norm(base)
+        assert sol.num_steps == ref.num_steps
+        # In the caller's units: the stopping norm follows s to rounding; the bound, dominated by
+        # its rounding allowance in float32 (the residual of the computed sum is rounding noise
+        # there), follows s within a factor of 2 of its value at s = 1.
+        assert sol.residual_norms[-1] == pytest.approx(s * ref.residual_norms[-1], rel=1e-2)
+        assert 0.5 * s * ref.error_bound <= sol.error_bound <= 2.0 * s * ref.error_bound
