@@ -590,9 +590,8 @@ class FixedPoint(torch.nn.Module):
         throw: bool = True,
     ) -> None:
         super().__init__()
-        _check_options(
-            backward, forward_solver, contraction, jvp, on_backward_failure
-        )  # at construction, as torch layers do
+        # Checked at construction, as torch's own layers check their arguments.
+        _check_options(backward, forward_solver, contraction, jvp, on_backward_failure)
         self.cell = cell
         self.backward_method = backward
         self.forward_solver = forward_solver

@@ -284,7 +284,7 @@ def scale_pow2(xp: Any, x: Array, e: int) -> Array:
     """
     if e == 0:
         return x
-    top = math.frexp(float(xp.finfo(x.dtype).max))[1] - 1  # the largest power of two of the dtype
+    top = _top_exponent(xp, x.dtype)
     while e != 0:
         step = max(-top, min(top, e))
         x = x * math.ldexp(1.0, step)
@@ -304,7 +304,11 @@ def unit_scale(xp: Any, g: Array, gnorm: float) -> tuple[int, Array, float]:
     if not 0.0 < gnorm < math.inf:
         return 0, g, gnorm
     e = math.frexp(gnorm)[1]
-    top = math.frexp(float(xp.finfo(g.dtype).max))[1] - 1
-    if abs(e) <= top // 4:
+    if abs(e) <= _top_exponent(xp, g.dtype) // 4:
         return 0, g, gnorm
     return e, scale_pow2(xp, g, -e), math.ldexp(gnorm, -e)
+
+
+def _top_exponent(xp: Any, dtype: Any) -> int:
+    """The exponent of the dtype's largest power of two (15 for float16, 127 for float32, 1023 for float64)."""
+    return math.frexp(float(xp.finfo(dtype).max))[1] - 1
