@@ -16,17 +16,19 @@ through every forward update, or through the last ``K`` only.
 from __future__ import annotations
 
 import dataclasses
-import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias, cast
 
+import array_api_compat
 import torch
 
-from rbp_core import BackwardMethod, ContractionViolation, ConvergenceError, FixedPointIteration, Solution, Status
-from rbp_core._arrays import check_contraction, check_int
-from rbp_core._implicit import check_instance
+import rbp_core
+from rbp_core import AdjointMethod, BackwardFailureWarning, ForwardSolver, Solution
+from rbp_core._adjoint import OnFailure, check_policy
+from rbp_core._checks import check_contraction, check_instance, check_int
+from rbp_core._forward import check_solver
+from rbp_core._ops import ops_for
 
 __all__ = [
     "BPTT",
@@ -38,15 +40,17 @@ __all__ = [
 ]
 
 State: TypeAlias = torch.Tensor | tuple[torch.Tensor, ...]
-OnFailure: TypeAlias = Literal["skip", "raise", "warn", "ignore"]
-_POLICIES = ("skip", "raise", "warn", "ignore")
 JVPMode: TypeAlias = Literal["forward", "double-backward"]
 
 
 @dataclass(frozen=True)
 class BPTT:
-    """Back-propagation through every forward iteration: the exact derivative of the unrolled
-    loop, with memory that grows with the number of iterations. The baseline of the paper.
+    """Back-propagation through every forward iteration, the baseline of the paper.
+
+    The forward solver's own ``step`` runs under autograd, so this is the exact
+    derivative of the unrolled loop, with memory that grows with the number of
+    iterations. A solver whose step is not differentiable
+    (``differentiable_step=False``) is refused by name.
 
     Examples
     --------
@@ -60,8 +64,9 @@ class BPTT:
 class TBPTT:
     """Truncated back-propagation through the last ``steps`` updates.
 
-    The forward iteration runs to its tolerance without a graph; then ``steps``
-    more updates run with autograd and the output is the last of them. At an
+    The forward solve runs to its tolerance without a graph; then ``steps``
+    more steps of the forward solver run with autograd from ``h*`` and the
+    output is the last of them. At an
     exact fixed point ``TBPTT(steps=K + 1)`` gives the gradients of
     ``rbp_core.Neumann(steps=K)``. Memory grows with ``steps``.
 
@@ -78,11 +83,7 @@ class TBPTT:
         check_int(self.steps, "TBPTT steps", 1)
 
 
-Backward: TypeAlias = BackwardMethod | BPTT | TBPTT
-
-
-class BackwardFailureWarning(RuntimeWarning):
-    """The implicit backward solve did not converge; the gradient may be inaccurate."""
+Backward: TypeAlias = AdjointMethod | BPTT | TBPTT
 
 
 @dataclass
@@ -182,29 +183,48 @@ class _Packing:
 
 # --- the public entry point ---------------------------------------------------------------------
 def _check_options(
-    backward: object, forward: object, contraction: object, jvp: object, on_backward_failure: object
-) -> FixedPointIteration:
+    backward: object, solver: object, contraction: object, jvp_mode: object, on_backward_failure: object
+) -> ForwardSolver:
     """Validate the options of :func:`fixed_point` and :class:`FixedPoint`; return the forward solver."""
     check_instance(backward, "backward")
-    check_instance(forward, "forward")
-    forward = FixedPointIteration() if forward is None else forward
-    if not isinstance(forward, FixedPointIteration):
-        msg = f"forward must be a rbp_core.FixedPointIteration, got {forward!r}"
-        raise TypeError(msg)
+    solver = check_solver(solver)
     check_contraction(contraction)
-    if on_backward_failure not in _POLICIES:
-        msg = f"on_backward_failure must be one of {', '.join(map(repr, _POLICIES))}, got {on_backward_failure!r}"
+    check_policy(on_backward_failure, "on_backward_failure")
+    if jvp_mode not in ("forward", "double-backward"):
+        msg = f"jvp_mode must be 'forward' or 'double-backward', got {jvp_mode!r}"
         raise ValueError(msg)
-    if jvp not in ("forward", "double-backward"):
-        msg = f"jvp must be 'forward' or 'double-backward', got {jvp!r}"
-        raise ValueError(msg)
-    if not isinstance(backward, BPTT | TBPTT | BackwardMethod):
+    if not isinstance(backward, BPTT | TBPTT | AdjointMethod):
         msg = (
             "backward must be rbp_core.Neumann, rbp_core.OriginalRBP, rbp_core.CGRBP (or another "
-            f"rbp_core.BackwardMethod), or rbp_core.backends.torch.BPTT / TBPTT; got {backward!r}"
+            f"rbp_core.AdjointMethod), or rbp_core.backends.torch.BPTT / TBPTT; got {backward!r}"
         )
         raise TypeError(msg)
-    return forward
+    if isinstance(backward, BPTT | TBPTT) and not solver.differentiable_step:
+        msg = (
+            f"backward={type(backward).__name__}() unrolls the forward solver's step under autograd, and "
+            f"{type(solver).__name__} declares its step not differentiable (differentiable_step=False); "
+            "use an implicit backward method such as rbp_core.Neumann(steps=20)"
+        )
+        raise ValueError(msg)
+    return solver
+
+
+class _TorchOps(rbp_core.VectorOps):
+    """The core's operations for torch tensors, with the monitored norms off the autograd graph.
+
+    BPTT runs the forward solver's steps under autograd; the squared norms the driver monitors
+    need no gradient, so they are taken of detached tensors (no graph nodes, no warning when they
+    become Python floats).
+    """
+
+    def sqnorm(self, x: torch.Tensor) -> torch.Tensor:
+        return cast("torch.Tensor", super().sqnorm(x.detach()))
+
+    def exact_norm(self, s: float, x: torch.Tensor, minus: torch.Tensor | None = None) -> float:
+        return super().exact_norm(s, x.detach(), None if minus is None else minus.detach())
+
+
+rbp_core.register_ops(array_api_compat.is_torch_namespace, _TorchOps)
 
 
 def _refuse_functorch(name: str) -> None:
@@ -224,9 +244,9 @@ def fixed_point(
     h0: State,
     *,
     backward: Backward,
-    forward: FixedPointIteration | None = None,
+    solver: ForwardSolver | None = None,
     contraction: float | None = None,
-    jvp: JVPMode = "double-backward",
+    jvp_mode: JVPMode = "double-backward",
     on_backward_failure: OnFailure = "skip",
     throw: bool = True,
 ) -> tuple[State, FixedPointInfo]:
@@ -246,16 +266,17 @@ def fixed_point(
         Starting point; batch axes are part of the state (the stopping test and
         inner products run over all elements). Never modified; gradients do not
         flow into it. An empty state (no elements) is its own fixed point.
-    backward : BackwardMethod, BPTT or TBPTT
+    backward : adjoint method, BPTT or TBPTT
         An instance: :class:`rbp_core.Neumann`, :class:`rbp_core.OriginalRBP`,
-        :class:`rbp_core.CGRBP` (implicit, constant memory), or the baselines
-        :class:`BPTT` and :class:`TBPTT`.
-    forward : FixedPointIteration, optional
-        Settings of the forward solve (tolerance, budget, damping).
+        :class:`rbp_core.CGRBP` or any other :class:`rbp_core.AdjointMethod`
+        (implicit, constant memory), or the baselines :class:`BPTT` and :class:`TBPTT`.
+    solver : forward solver, optional
+        The forward solver (default :class:`rbp_core.FixedPointIteration()`):
+        tolerances, budget, damping.
     contraction : float, optional
         A Lipschitz bound ``mu < 1`` of ``f``; certifies the forward and
         backward solves (``info.forward.error_bound``, ``info.backward[i].error_bound``).
-    jvp : {"double-backward", "forward"}
+    jvp_mode : {"double-backward", "forward"}
         How CG-RBP gets ``J v``. ``"double-backward"`` (default): the graph of
         ``J^T u`` is recorded once per backward pass through the recorded step
         and each product is one reverse pass through it (needs double-backward
@@ -263,20 +284,20 @@ def fixed_point(
         ``torch.func.jvp``, one forward-mode evaluation of ``f`` per product
         (needs forward-AD support); since that re-evaluates ``f`` at backward
         time, each product checks that ``f(h*)`` still equals the recorded step
-        and raises if not (an input changed, or ``f`` is random). benchmarks/bench_torch.py
-        measured the forward mode at about 5 evaluations of ``f`` per product on
-        a tanh RNN, twice the cost of the double-backward products there.
+        and raises if not (an input changed, or ``f`` is random). The benchmark
+        page compares the two modes' costs.
     on_backward_failure : {"skip", "raise", "warn", "ignore"}
         What a backward solve that does not converge (``MAX_STEPS``,
-        ``DIVERGED``, ``BREAKDOWN``, ``NONFINITE``) does to the gradient.
-        ``"skip"`` (default): this fixed point contributes nothing (a zero
-        cotangent) and a :class:`BackwardFailureWarning` says so, with the
-        solve's outcome; ``"raise"``: :class:`rbp_core.ConvergenceError`;
-        ``"warn"``: the unconverged adjoint is applied, with a warning;
-        ``"ignore"``: applied silently (read ``info.backward`` yourself). A
-        non-finite adjoint is never applied: under ``"warn"`` and ``"ignore"``
-        it raises ``FloatingPointError``. A ``contraction`` that the backward
-        iteration disproves warns (``"skip"``, ``"warn"``), raises
+        ``DIVERGED``, ``BREAKDOWN``, ``NONFINITE``) does to the gradient: the
+        policy of :func:`rbp_core.implicit_backward`. ``"skip"`` (default): this
+        fixed point contributes nothing (a zero cotangent) and a
+        :class:`rbp_core.BackwardFailureWarning` says so, with the solve's
+        outcome; ``"raise"``: :class:`rbp_core.ConvergenceError`; ``"warn"``: the
+        unconverged adjoint is applied, with a warning; ``"ignore"``: applied
+        silently (read ``info.backward`` yourself). A non-finite adjoint is
+        never applied: under ``"warn"`` and ``"ignore"`` it raises
+        ``FloatingPointError``. A ``contraction`` that the backward iteration
+        disproves warns (``"skip"``, ``"warn"``), raises
         :class:`rbp_core.ContractionViolation` (``"raise"``), or only sets
         ``error_bound=None``. A non-finite incoming gradient always raises.
     throw : bool
@@ -306,7 +327,7 @@ def fixed_point(
     >>> info.forward.converged, info.backward_converged, W.grad.shape
     (True, True, torch.Size([3, 3]))
     """
-    forward = _check_options(backward, forward, contraction, jvp, on_backward_failure)
+    solver = _check_options(backward, solver, contraction, jvp_mode, on_backward_failure)
     packing = _Packing(h0)
     start = packing.pack(h0, "h0").detach()
 
@@ -315,26 +336,31 @@ def fixed_point(
 
     name = type(backward).__name__
     if isinstance(backward, BPTT) and torch.is_grad_enabled():
-        return _bptt(f_flat, start, forward, contraction, throw, packing, name)
+        # The driver runs the solver's own steps under autograd: every step is on the graph.
+        sol = rbp_core.fixed_point(f_flat, start, solver, contraction=contraction, throw=throw)
+        h_out = f_flat(start) if start.numel() == 0 else sol.value  # an empty state: one recorded step
+        _require_grad(h_out.requires_grad, name)
+        record = dataclasses.replace(sol, value=sol.value.detach())  # the info holds no graph
+        return packing.unpack(h_out), FixedPointInfo(forward=record, method=name)
     if not isinstance(backward, TBPTT) and torch.is_grad_enabled():
         _refuse_functorch(name)  # before the forward solve, which would be wasted
 
     with torch.no_grad():
-        sol = forward.solve(f_flat, start, contraction=contraction, throw=throw)
+        sol = rbp_core.fixed_point(f_flat, start, solver, contraction=contraction, throw=throw)
     info = FixedPointInfo(forward=sol, method=name)
     h_star = sol.value.detach()
     if not torch.is_grad_enabled():
         return packing.unpack(f_flat(h_star)), info
 
     if isinstance(backward, TBPTT):
-        h = h_star
-        beta = forward.damping
+        ops = ops_for(rbp_core._callbacks.namespace_of(h_star, "h0"))
+        state, h, _ = solver.init(f_flat, h_star, ops)
         for _ in range(backward.steps):
-            h = f_flat(h) if beta == 1.0 else (1.0 - beta) * h + beta * f_flat(h)
+            state, h, _, _ = solver.step(f_flat, state, ops)
         _require_grad(h.requires_grad, name)
         return packing.unpack(h), info
 
-    method = cast("BackwardMethod", backward)  # BPTT returned above, in both grad modes
+    method = cast("AdjointMethod", backward)  # BPTT returned above, in both grad modes
     # The one recorded step, now: the hook's VJPs and the parameters' gradient both go through
     # it, so the backward differentiates f as it was evaluated here. The returned y is a view of
     # the step's output: the hook on y holds the output, and no reference cycle keeps its graph.
@@ -344,7 +370,7 @@ def fixed_point(
     # autograd computes the state's gradient of the recorded step too (it is on the graph): drop it.
     h_in.register_post_accumulate_grad_hook(_drop_grad)
     y = out.view_as(out)
-    y.register_hook(_ImplicitHook(h_in, out, f_flat, method, info, contraction, jvp, on_backward_failure))  # type: ignore[no-untyped-call]
+    y.register_hook(_ImplicitHook(h_in, out, f_flat, method, info, contraction, jvp_mode, on_backward_failure))  # type: ignore[no-untyped-call]
     return packing.unpack(y), info
 
 
@@ -369,38 +395,6 @@ def _has_other_leaves(out: torch.Tensor, leaf: torch.Tensor) -> bool:
     return False
 
 
-def _bptt(
-    f_flat: Callable[[torch.Tensor], torch.Tensor],
-    start: torch.Tensor,
-    forward: FixedPointIteration,
-    contraction: float | None,
-    throw: bool,
-    packing: _Packing,
-    name: str,
-) -> tuple[State, FixedPointInfo]:
-    """Every update in the graph; the core iteration sees detached mirrors of the iterates.
-
-    The core's stopping test (norms, ``float`` conversions) then never touches the graph,
-    while each update ``h <- (1 - beta) h + beta f(h)`` is recorded here with autograd.
-    """
-    beta = forward.damping
-    chain = [start]  # the graph iterates h_0, h_1, ...
-
-    def step(_mirror: torch.Tensor) -> torch.Tensor:  # the core's detached copy of chain[-1]
-        h = chain[-1]
-        fh = f_flat(h)
-        chain.append(fh if beta == 1.0 else (1.0 - beta) * h + beta * fh)
-        return fh.detach()
-
-    sol = forward.solve(step, start, contraction=contraction, throw=throw)
-    if len(chain) == 1 and start.numel() == 0:  # an empty state is its own fixed point: record one step
-        step(start)
-    # The core accepted every update but a non-finite last one (whose value it discards).
-    h_out = chain[sol.num_vjp - 1] if sol.status is Status.NONFINITE else chain[-1]
-    _require_grad(h_out.requires_grad, name)
-    return packing.unpack(h_out), FixedPointInfo(forward=sol, method=name)
-
-
 def _require_grad(carries_grad: bool, name: str) -> None:
     """A fixed point that carries no gradient under grad mode is an error, not a silent zero."""
     if not carries_grad:
@@ -412,12 +406,18 @@ def _require_grad(carries_grad: bool, name: str) -> None:
         raise ValueError(msg)
 
 
+def _identity(z: torch.Tensor) -> torch.Tensor:
+    return z
+
+
 class _ImplicitHook:
     """The gradient hook on ``y = f(h*)``: replaces ``g`` by ``z`` with ``(I - J^T) z = g``.
 
     ``out = f(h_in)`` is the step recorded at forward time with ``h_in = h*`` requiring grad; the
     solver's VJPs (and JVPs) are reverse passes through it, with the graph retained for the
-    parameters' pass that autograd runs next.
+    parameters' pass that autograd runs next. The solve and its failure policy are the core's
+    :func:`rbp_core.implicit_backward`, with the identity as the parameters' VJP: autograd
+    delivers ``z^T dF/dw`` itself.
     """
 
     def __init__(
@@ -425,7 +425,7 @@ class _ImplicitHook:
         h_in: torch.Tensor,
         out: torch.Tensor,
         f_flat: Callable[[torch.Tensor], torch.Tensor],
-        method: BackwardMethod,
+        method: AdjointMethod,
         info: FixedPointInfo,
         contraction: float | None,
         jvp_mode: JVPMode,
@@ -473,70 +473,40 @@ class _ImplicitHook:
         primal, tangent = result[0], result[1]
         if not torch.equal(primal.detach(), self.out.detach()):
             msg = (
-                "jvp='forward' re-evaluates f at backward time, and f(h*) no longer equals the step "
+                "jvp_mode='forward' re-evaluates f at backward time, and f(h*) no longer equals the step "
                 "recorded in the forward pass (an input of f changed since, or f is random): its JVP "
-                "would belong to another map. Use jvp='double-backward', which differentiates the recorded step."
+                "would belong to another map. Use jvp_mode='double-backward', which differentiates the "
+                "recorded step."
             )
             raise RuntimeError(msg)
         return cast("torch.Tensor", tangent).detach()
 
-    def __call__(self, g: torch.Tensor | None) -> torch.Tensor | None:
-        if g is None:  # an undefined gradient (all zeros) stays undefined
-            return None
-        name = type(self.method).__name__
-        if torch.is_grad_enabled():
-            msg = (
-                f"second-order gradients through the implicit backward ({name}) are not supported: "
-                "the backward solve is not differentiable. Use BPTT or TBPTT for higher-order derivatives."
-            )
-            raise RuntimeError(msg)
-        solution = self.method.solve(self._vjp, g.detach(), jvp=self._jvp(), contraction=self.contraction, throw=False)
+    def _record(self, solution: Solution) -> None:
         # The record keeps everything but z, which autograd takes over: repeated backward passes
         # through one output must not pile up state-sized arrays in info.
         self.info.backward.append(dataclasses.replace(solution, value=None))
-        if solution.status is Status.NONFINITE and not math.isfinite(_norm(g)):
-            msg = f"{name}: non-finite values (NaN or Inf) in the incoming gradient dL/dh*; {solution.describe()}"
-            raise FloatingPointError(msg)
-        if not solution.converged:
-            return self._failed(solution, name, g)
-        if self.contraction is not None and solution.error_bound is None:
+
+    def __call__(self, g: torch.Tensor | None) -> torch.Tensor | None:
+        if g is None:  # an undefined gradient (all zeros) stays undefined
+            return None
+        if torch.is_grad_enabled():
             msg = (
-                f"backward solve {name}: contraction={self.contraction!r} was disproved by the iteration; "
-                "no error bound is certified"
+                f"second-order gradients through the implicit backward ({type(self.method).__name__}) are "
+                "not supported: the backward solve is not differentiable. Use BPTT or TBPTT for "
+                "higher-order derivatives."
             )
-            if self.on_failure == "raise":
-                raise ContractionViolation(msg)
-            if self.on_failure != "ignore":
-                warnings.warn(msg, BackwardFailureWarning, stacklevel=2)
-        return cast("torch.Tensor", solution.value)
-
-    def _failed(self, solution: Solution, name: str, g: torch.Tensor) -> torch.Tensor:
-        """The cotangent that a failed solve hands to autograd, as ``on_backward_failure`` says."""
-        if self.on_failure == "raise":
-            raise ConvergenceError(solution)
-        if self.on_failure == "skip":
-            warnings.warn(
-                f"backward solve {name} did not converge: {solution.describe()}. This fixed point's "
-                "gradient was skipped (a zero cotangent); on_backward_failure='warn' applies the "
-                "unconverged adjoint instead, 'raise' stops",
-                BackwardFailureWarning,
-                stacklevel=3,
-            )
-            return torch.zeros_like(g)
-        if solution.status is Status.NONFINITE:
-            msg = f"{name}: non-finite values (NaN or Inf) in the backward iteration; {solution.describe()}"
-            raise FloatingPointError(msg)
-        if self.on_failure == "warn":
-            warnings.warn(
-                f"backward solve {name} did not converge: {solution.describe()}; the gradient is inexact",
-                BackwardFailureWarning,
-                stacklevel=3,
-            )
-        return cast("torch.Tensor", solution.value)
-
-
-def _norm(t: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(t.detach()))
+            raise RuntimeError(msg)
+        z, _ = rbp_core.implicit_backward(
+            self._vjp,
+            _identity,
+            g.detach(),
+            self.method,
+            jvp_state=self._jvp(),
+            contraction=self.contraction,
+            on_failure=self.on_failure,
+            on_solution=self._record,
+        )
+        return cast("torch.Tensor", z)
 
 
 # --- the module ---------------------------------------------------------------------------------
@@ -547,11 +517,17 @@ class FixedPoint(torch.nn.Module):
     ----------
     cell : nn.Module
         Called as ``cell(h, *inputs)``; its parameters are registered with this module.
-    backward : BackwardMethod, BPTT or TBPTT
+    backward : adjoint method, BPTT or TBPTT
         As in :func:`fixed_point`.
-    forward_solver : FixedPointIteration, optional
-        As ``forward`` in :func:`fixed_point`.
-    contraction, jvp, on_backward_failure, throw
+    solver : forward solver, optional
+        As in :func:`fixed_point`.
+    contraction : float, optional
+        As in :func:`fixed_point`.
+    jvp_mode : {"double-backward", "forward"}
+        As in :func:`fixed_point`.
+    on_backward_failure : {"skip", "raise", "warn", "ignore"}
+        As in :func:`fixed_point`.
+    throw : bool
         As in :func:`fixed_point`.
 
     Attributes
@@ -583,20 +559,20 @@ class FixedPoint(torch.nn.Module):
         cell: torch.nn.Module,
         *,
         backward: Backward,
-        forward_solver: FixedPointIteration | None = None,
+        solver: ForwardSolver | None = None,
         contraction: float | None = None,
-        jvp: JVPMode = "double-backward",
+        jvp_mode: JVPMode = "double-backward",
         on_backward_failure: OnFailure = "skip",
         throw: bool = True,
     ) -> None:
         super().__init__()
         # Checked at construction, as torch's own layers check their arguments.
-        _check_options(backward, forward_solver, contraction, jvp, on_backward_failure)
+        _check_options(backward, solver, contraction, jvp_mode, on_backward_failure)
         self.cell = cell
         self.backward_method = backward
-        self.forward_solver = forward_solver
+        self.solver = solver
         self.contraction = contraction
-        self.jvp = jvp
+        self.jvp_mode = jvp_mode
         self.on_backward_failure = on_backward_failure
         self.throw = throw
         self.info: FixedPointInfo | None = None
@@ -608,9 +584,9 @@ class FixedPoint(torch.nn.Module):
             lambda h: self.cell(h, *inputs),
             h0,
             backward=self.backward_method,
-            forward=self.forward_solver,
+            solver=self.solver,
             contraction=self.contraction,
-            jvp=self.jvp,
+            jvp_mode=self.jvp_mode,
             on_backward_failure=self.on_backward_failure,
             throw=self.throw,
         )

@@ -9,12 +9,12 @@ number of callback calls and does the same vector updates, and nothing else:
     ``neumann_rbp(vjp, g, steps=K)`` against ``v = g; z = g; K times: v = vjp(v); z = z + v``.
     Both make ``K`` VJPs. Target: median ratio <= 1.05.
 ``original_rbp``
-    ``original_rbp(vjp, g, tol=0, max_iter=K + 1, throw=False)`` (``K`` VJPs:
+    ``original_rbp(vjp, g, rtol=0, max_iter=K + 1, throw=False)`` (``K`` VJPs:
     the first of the ``K + 1`` iterations, ``z_1 = g``, costs none) against
     ``z = g; K times: z_new = vjp(z) + g; r = z_new - z; z = z_new``.
     Reported per VJP, with the solver's count taken from ``Solution.num_vjp``.
 ``cg_rbp``
-    ``cg_rbp(vjp, jvp, g, tol=0, max_iter=K, throw=False)`` (``tol=0`` runs
+    ``cg_rbp(vjp, jvp, g, rtol=0, max_iter=K, throw=False)`` (``rtol=0`` runs
     the whole budget: ``K`` VJPs and ``K`` JVPs) against a bare CGLS loop with
     the same numbers of VJPs and JVPs and only the two inner products CGLS
     needs per iteration. Reported per (VJP + JVP).
@@ -489,7 +489,7 @@ def run_size(problem: Problem, steps: int, *, repeats: int, warmup: int, min_sam
     out.append(Comparison("neumann_rbp", "VJP", sol.num_vjp, steps, number, times, f"{steps} VJP", counts_ok))
 
     # Original RBP: steps + 1 iterations from z0 = None, i.e. `steps` VJPs.
-    sol = rbp_core.original_rbp(vjp, g, tol=0.0, max_iter=steps + 1, throw=False)
+    sol = rbp_core.original_rbp(vjp, g, rtol=0.0, max_iter=steps + 1, throw=False)
     z_ref, r_ref = original_baseline(vjp, g, steps)
     counts_ok = sol.num_vjp == steps and sol.num_steps == steps + 1
     if counts_ok:
@@ -502,7 +502,7 @@ def run_size(problem: Problem, steps: int, *, repeats: int, warmup: int, min_sam
         )
 
     def original_candidate() -> object:
-        return rbp_core.original_rbp(vjp, g, tol=0.0, max_iter=steps + 1, throw=False)
+        return rbp_core.original_rbp(vjp, g, rtol=0.0, max_iter=steps + 1, throw=False)
 
     def original_base() -> object:
         return original_baseline(vjp, g, steps)
@@ -512,14 +512,14 @@ def run_size(problem: Problem, steps: int, *, repeats: int, warmup: int, min_sam
     out.append(Comparison("original_rbp", "VJP", sol.num_vjp, steps, number, times, f"{steps} VJP", counts_ok))
 
     # CG-RBP: `steps` iterations, `steps` VJPs and `steps` JVPs.
-    sol = rbp_core.cg_rbp(vjp, jvp, g, tol=0.0, max_iter=steps, throw=False)
+    sol = rbp_core.cg_rbp(vjp, jvp, g, rtol=0.0, max_iter=steps, throw=False)
     z_ref, _ = cgls_baseline(vjp, jvp, g, steps)
     counts_ok = sol.num_vjp == steps and sol.num_jvp == steps and sol.num_steps == steps
     if counts_ok:
         _check_close("cg_rbp", sol.value, z_ref, exact=False)
 
     def cg_candidate() -> object:
-        return rbp_core.cg_rbp(vjp, jvp, g, tol=0.0, max_iter=steps, throw=False)
+        return rbp_core.cg_rbp(vjp, jvp, g, rtol=0.0, max_iter=steps, throw=False)
 
     def cg_base() -> object:
         return cgls_baseline(vjp, jvp, g, steps)

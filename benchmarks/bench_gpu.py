@@ -1,7 +1,7 @@
 """GPU benchmarks: the solvers' vector work on CuPy against the card's memory bandwidth, and CUDA memory.
 
 Part 1, CuPy (``--n`` elements, default 10**7 float32): for ``neumann_rbp``,
-``original_rbp`` and ``cg_rbp`` it times a solve of ``K`` iterations (``tol=0``
+``original_rbp`` and ``cg_rbp`` it times a solve of ``K`` iterations (``rtol=0``
 so the budget runs out), the same callbacks alone, and a hand-written CuPy loop
 that makes the same callback calls and updates without any norm. The VJP (and
 JVP) is a diagonal Jacobian, ``v -> d * v`` with ``d`` in [0.5, 0.9]: one
@@ -107,10 +107,10 @@ def bench_cupy(n: int, steps: int, repeats: int, dtype_name: str) -> dict[str, A
     solvers: dict[str, tuple[Callable[[], rbp_core.Solution], Callable[[], object]]] = {
         "neumann_rbp": (lambda: rbp_core.neumann_rbp(vjp, g, steps=steps), loop_neumann),
         "original_rbp": (
-            lambda: rbp_core.original_rbp(vjp, g, tol=0.0, max_iter=steps + 1, throw=False),
+            lambda: rbp_core.original_rbp(vjp, g, rtol=0.0, max_iter=steps + 1, throw=False),
             loop_original,
         ),
-        "cg_rbp": (lambda: rbp_core.cg_rbp(vjp, vjp, g, tol=0.0, max_iter=steps, throw=False), loop_cg),
+        "cg_rbp": (lambda: rbp_core.cg_rbp(vjp, vjp, g, rtol=0.0, max_iter=steps, throw=False), loop_cg),
     }
     rows = []
     for name, (solve, loop) in solvers.items():
@@ -186,7 +186,7 @@ def bench_torch_memory(batch: int, n: int) -> dict[str, Any]:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        h, info = fixed_point(f, torch.zeros_like(x), backward=backward, forward=forward, throw=False)
+        h, info = fixed_point(f, torch.zeros_like(x), backward=backward, solver=forward, throw=False)
         try:
             torch.autograd.backward(h, g)
         except (FloatingPointError, rbp_core.ConvergenceError) as exc:  # reported in the table, not hidden
@@ -197,7 +197,7 @@ def bench_torch_memory(batch: int, n: int) -> dict[str, Any]:
         del h, info
         return peak / 2**20, steps
 
-    converge = rbp_core.FixedPointIteration(tol=1e-5, max_iter=500)
+    converge = rbp_core.FixedPointIteration(rtol=1e-5, max_iter=500)
     step(rbp_core.Neumann(steps=2), converge)  # warm-up: cuBLAS workspace, caching allocator
     rows = []
     for k in (5, 20, 100):
@@ -205,7 +205,7 @@ def bench_torch_memory(batch: int, n: int) -> dict[str, Any]:
             peak, fwd = step(method, converge)
             rows.append({"method": name, "k": k, "peak_mib": peak, "forward_steps": fwd})
     for t in (10, 20, 60):
-        exact = rbp_core.FixedPointIteration(tol=0.0, max_iter=t, divergence_factor=None)
+        exact = rbp_core.FixedPointIteration(rtol=0.0, max_iter=t, divergence_factor=None)
         peak, fwd = step(BPTT(), exact)
         rows.append({"method": "BPTT", "k": t, "peak_mib": peak, "forward_steps": fwd})
     state_mib = batch * n * 4 / 2**20

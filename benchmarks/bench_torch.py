@@ -15,7 +15,7 @@ on one problem family: ``f(h) = tanh(h @ W^T + x)`` (plus a bias ``b`` in part
    on a float32 state of shape 512 x 1024 (``mu = 0.5``), for
    ``rbp_core.Neumann(steps=K)`` and ``TBPTT(steps=K)`` at K = 5, 20, 100 and
    for ``BPTT`` with exactly T = 10, 30, 60 forward iterations
-   (``FixedPointIteration(tol=0, max_iter=T)``, ``throw=False``). Reported per
+   (``FixedPointIteration(rtol=0, max_iter=T)``, ``throw=False``). Reported per
    configuration: the forward peak, what the forward leaves held (the autograd
    graph), and the backward peak, all as RSS above the RSS just before the
    forward. The headline: Neumann's growth of the backward peak from K = 5 to
@@ -68,7 +68,7 @@ on one problem family: ``f(h) = tanh(h @ W^T + x)`` (plus a bias ``b`` in part
 3. Peers on one problem: float64 state 64 x 256, ``mu = 0.9``, parameters
    ``W`` (256 x 256) and ``b`` (256), loss gradient ``g`` fixed (random).
    The forward fixed point ``h*`` is computed once, with rbp-core's
-   ``FixedPointIteration(tol=1e-12)``, and every method starts its forward from
+   ``FixedPointIteration(rtol=1e-12)``, and every method starts its forward from
    it (each library's own forward then stops after a step or two), so all
    backward passes differentiate at the same point. The reference is the dense
    implicit gradient: ``J`` by :func:`torch.autograd.functional.jacobian`,
@@ -275,12 +275,12 @@ class MemorySpec:
 
 def _memory_backward(spec: MemorySpec) -> tuple[Any, rbp_core.FixedPointIteration, bool]:
     if spec.kind == "neumann":
-        return rbp_core.Neumann(steps=spec.k), rbp_core.FixedPointIteration(tol=1e-5, max_iter=500), True
+        return rbp_core.Neumann(steps=spec.k), rbp_core.FixedPointIteration(rtol=1e-5, max_iter=500), True
     if spec.kind == "tbptt":
-        return TBPTT(steps=spec.k), rbp_core.FixedPointIteration(tol=1e-5, max_iter=500), True
+        return TBPTT(steps=spec.k), rbp_core.FixedPointIteration(rtol=1e-5, max_iter=500), True
     if spec.kind == "bptt":
         # Exactly T forward iterations: tolerance 0 (never met unless a step is exactly zero), no divergence test.
-        fwd = rbp_core.FixedPointIteration(tol=0.0, max_iter=spec.k, divergence_factor=None)
+        fwd = rbp_core.FixedPointIteration(rtol=0.0, max_iter=spec.k, divergence_factor=None)
         return BPTT(), fwd, False
     msg = f"unknown memory configuration {spec.kind!r}"
     raise ValueError(msg)
@@ -295,7 +295,7 @@ def memory_worker(spec: MemorySpec) -> dict[str, Any]:
     g = problem.g
 
     def run_forward() -> tuple[Tensor, Any]:
-        h, info = fixed_point(problem.f, h0, backward=backward, forward=forward, throw=throw)
+        h, info = fixed_point(problem.f, h0, backward=backward, solver=forward, throw=throw)
         assert isinstance(h, Tensor)
         return h, info
 
@@ -332,7 +332,7 @@ def memory_worker(spec: MemorySpec) -> dict[str, Any]:
     # clear_refs: warm up with one full step of the same kind at K (or T) <= 5 (same shapes and kernels,
     # a fraction of the compute), then measure `repeats` steps.
     warm_backward, warm_forward, _ = _memory_backward(MemorySpec(spec.kind, min(spec.k, 5), 1, 1, 1, spec.method))
-    hw, _ = fixed_point(problem.f, h0, backward=warm_backward, forward=warm_forward, throw=throw)
+    hw, _ = fixed_point(problem.f, h0, backward=warm_backward, solver=warm_forward, throw=throw)
     assert isinstance(hw, Tensor)
     torch.autograd.backward(hw, g)
     del hw
@@ -615,7 +615,7 @@ def measure_time(
         problem.f,
         problem.h0(),
         backward=rbp_core.Neumann(steps=steps),
-        forward=rbp_core.FixedPointIteration(tol=1e-6, max_iter=500),
+        solver=rbp_core.FixedPointIteration(rtol=1e-6, max_iter=500),
     )
     assert isinstance(h, Tensor)
     h_star = info.forward.value.detach()
@@ -784,7 +784,7 @@ def make_peer_problem(batch: int, n: int, mu: float) -> PeerProblem:
     x = torch.randn(batch, n, generator=gen, dtype=dt)
     g = torch.randn(batch, n, generator=gen, dtype=dt)
     with torch.no_grad():
-        sol = rbp_core.FixedPointIteration(tol=1e-12, max_iter=2000).solve(
+        sol = rbp_core.FixedPointIteration(rtol=1e-12, max_iter=2000).solve(
             lambda h: torch.tanh(h @ W.T + b + x), torch.zeros(batch, n, dtype=dt), contraction=mu
         )
     return PeerProblem(W=W, b=b, x=x, g=g, h_star=sol.value.detach(), mu=mu, forward_steps=sol.num_steps)
@@ -903,9 +903,9 @@ def rbp_peer(p: PeerProblem, method: Any, jvp: str = "double-backward") -> PeerS
         counter.wrap(p.f),
         p.h_star,
         backward=method,
-        forward=rbp_core.FixedPointIteration(tol=1e-12, max_iter=100),
+        solver=rbp_core.FixedPointIteration(rtol=1e-12, max_iter=100),
         contraction=p.mu,
-        jvp="double-backward" if jvp == "double-backward" else "forward",
+        jvp_mode="double-backward" if jvp == "double-backward" else "forward",
         on_backward_failure="warn",
     )
     assert isinstance(h, Tensor)
@@ -990,7 +990,7 @@ def torchopt_peer(p: PeerProblem, tol: float, max_iter: int, solver: str) -> Pee
 
     def root(h0: Tensor, W: Tensor, b: Tensor) -> Tensor:
         with torch.no_grad():
-            sol = rbp_core.FixedPointIteration(tol=1e-12, max_iter=100).solve(lambda h: p.F(h, W, b), h0)
+            sol = rbp_core.FixedPointIteration(rtol=1e-12, max_iter=100).solve(lambda h: p.F(h, W, b), h0)
         value: Tensor = sol.value
         return value
 
@@ -1030,17 +1030,17 @@ def measure_peers(
         (
             "rbp-core OriginalRBP",
             f"||g-(I-J^T)z|| <= {tol:g}||g||",
-            lambda: rbp_peer(p, rbp_core.OriginalRBP(tol=tol, max_iter=max_iter)),
+            lambda: rbp_peer(p, rbp_core.OriginalRBP(rtol=tol, max_iter=max_iter)),
         ),
         (
             "rbp-core CGRBP (jvp=double-backward)",
             f"||g-(I-J^T)z|| <= {tol:g}||g||",
-            lambda: rbp_peer(p, rbp_core.CGRBP(tol=tol, max_iter=max_iter), jvp="double-backward"),
+            lambda: rbp_peer(p, rbp_core.CGRBP(rtol=tol, max_iter=max_iter), jvp="double-backward"),
         ),
         (
             "rbp-core CGRBP jvp=forward",
             f"||g-(I-J^T)z|| <= {tol:g}||g||",
-            lambda: rbp_peer(p, rbp_core.CGRBP(tol=tol, max_iter=max_iter), jvp="forward"),
+            lambda: rbp_peer(p, rbp_core.CGRBP(rtol=tol, max_iter=max_iter), jvp="forward"),
         ),
         (
             f"rbp-core Neumann K={k_cert}",

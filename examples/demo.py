@@ -35,7 +35,7 @@ def main() -> None:
     def f(h: np.ndarray) -> np.ndarray:
         return np.tanh(W @ h + u)
 
-    forward = rbp_core.fixed_point(f, np.zeros(n), tol=1e-12, contraction=args.mu)
+    forward = rbp_core.fixed_point(f, np.zeros(n), rbp_core.FixedPointIteration(rtol=1e-12), contraction=args.mu)
     h = forward.value
     d = 1.0 - f(h) ** 2  # tanh' at the fixed point
 
@@ -59,8 +59,8 @@ def main() -> None:
     runs = [
         ("Neumann-RBP (K=20)", rbp_core.neumann_rbp(vjp, g, steps=20, contraction=args.mu)),
         ("Neumann-RBP (K=100)", rbp_core.neumann_rbp(vjp, g, steps=100, contraction=args.mu)),
-        ("original RBP", rbp_core.original_rbp(vjp, g, tol=1e-10, contraction=args.mu)),
-        ("CG-RBP", rbp_core.cg_rbp(vjp, jvp, g, tol=1e-10, contraction=args.mu)),
+        ("original RBP", rbp_core.original_rbp(vjp, g, rtol=1e-10, contraction=args.mu)),
+        ("CG-RBP", rbp_core.cg_rbp(vjp, jvp, g, rtol=1e-10, contraction=args.mu)),
     ]
     for name, sol in runs:
         error = np.linalg.norm(sol.value - exact)

@@ -17,8 +17,8 @@ the unscaled component scores as in the paper's code (sklearn's PCA.fit_transfor
 and the readout weights are Kaiming-normal, the biases zero, also as in the paper's code (in a
 150-epoch trial of Neumann-RBP on the quarter-size graph, PyTorch's default GRU initialisation gave
 a lower and noisier validation accuracy). f is iterated 100 times (``--steps``) by
-rbp_core.backends.torch.fixed_point with FixedPointIteration(tol=0.0, max_iter=100,
-divergence_factor=None) and throw=False: tol=0 is met only by two bitwise equal iterates, so all 100
+rbp_core.backends.torch.fixed_point with FixedPointIteration(rtol=0.0, max_iter=100,
+divergence_factor=None) and throw=False: rtol=0 is met only by two bitwise equal iterates, so all 100
 updates run unless an exact fixed point is reached earlier. A linear readout of the final state
 gives the class scores; the loss is the mean cross-entropy over the labelled training nodes, and
 every training step uses the full graph (one step per epoch). Optimiser: SGD with momentum 0.9,
@@ -549,7 +549,7 @@ def _sparse_matmul_class() -> Any:
         torch.sparse.mm's own autograd saves ``A`` (a sparse tensor, which has no storage that the
         saved-tensor meter could read) and has no forward-mode derivative; here the backward is
         ``At @ g`` and the JVP ``A @ v``, both through this same function, so double backward
-        (CG-RBP's default JVP) and forward-mode AD (``jvp="forward"``, torch.func.jvp) both work.
+        (CG-RBP's default JVP) and forward-mode AD (``jvp_mode="forward"``, torch.func.jvp) both work.
         The constant A is kept on the context, not saved: it is not part of the backward memory.
         """
 
@@ -718,7 +718,7 @@ def train_method(name: str, graph: Graph, h0_np: np.ndarray, s: Settings, bar: C
     cell, readout = model["cell"], model["readout"]
     opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     method = backward_method(name, s.truncation)
-    forward = rbp_core.FixedPointIteration(tol=0.0, max_iter=s.steps, divergence_factor=None)
+    forward = rbp_core.FixedPointIteration(rtol=0.0, max_iter=s.steps, divergence_factor=None)
 
     def f(h: Any) -> Any:
         return propagation_step(cell, adj, h)
@@ -739,9 +739,7 @@ def train_method(name: str, graph: Graph, h0_np: np.ndarray, s: Settings, bar: C
             current_epoch = epoch
             meter = SavedBytes(exclude=list(model.parameters()))
             with meter:
-                h, info = fixed_point(
-                    f, h0, backward=method, forward=forward, throw=False, on_backward_failure="ignore"
-                )
+                h, info = fixed_point(f, h0, backward=method, solver=forward, throw=False, on_backward_failure="ignore")
                 _count(res.forward_statuses, info.forward.status.name)
                 check_forward(info)
                 loss = torch.nn.functional.cross_entropy(readout(h[train]), labels[train])

@@ -9,8 +9,8 @@ units (2592 in all) runs the update
 where clamp sets the observed units to the image after every update, and W = (W0 + W0^T) * (1 - I)
 (symmetric, no self loops) with W0 ~ N(0, 1e-3^2) the trained parameter. The map f(h) = clamp(update(h))
 is what rbp_core.backends.torch.fixed_point iterates, from h_0 = (image, 0, 0) (observed units
-clamped, hidden and output units zero): FixedPointIteration(tol=0.0, max_iter=50,
-divergence_factor=None) with throw=False, so 50 updates run: tol=0 is met only when two iterates are
+clamped, hidden and output units zero): FixedPointIteration(rtol=0.0, max_iter=50,
+divergence_factor=None) with throw=False, so 50 updates run: rtol=0 is met only when two iterates are
 bitwise equal, an exact fixed point where more updates would change nothing, and the solve then stops
 early (metrics.json records the number of updates as "forward_updates"; early in training, when W is
 small and f a strong contraction, this happens after as few as 7 updates in float32, so BPTT's graph
@@ -30,11 +30,11 @@ Backward methods and the truncation convention (``--truncation T``, default 20, 
 
 - "BPTT":        rbp_core.backends.torch.BPTT(), through all 50 updates;
 - "TBPTT":       TBPTT(steps=T), T recorded updates after the forward solve (T terms);
-- "RBP":         rbp_core.OriginalRBP(tol=None, max_iter=T): at most T iterations z_i = J^T z_{i-1} + g
+- "RBP":         rbp_core.OriginalRBP(rtol=None, max_iter=T): at most T iterations z_i = J^T z_{i-1} + g
                  from z_0 = 0 (z_1 = g, so at most T - 1 VJPs and T terms), stopping early at its
                  default relative tolerance; rbp-core's adapter starts from zero, not from the paper's
                  random z_0;
-- "CG-RBP":      rbp_core.CGRBP(tol=None, max_iter=T), at most T CG iterations, each one VJP and one JVP
+- "CG-RBP":      rbp_core.CGRBP(rtol=None, max_iter=T), at most T CG iterations, each one VJP and one JVP
                  (the adapter's default double-backward JVP);
 - "Neumann-RBP": rbp_core.Neumann(steps=T - 1): T - 1 VJPs give T series terms, so at an exact fixed
                  point it equals TBPTT(steps=T) (docs/torch.md).
@@ -339,7 +339,7 @@ def train_method(name: str, images: Any, corrupted: Any, s: Settings, progress: 
     n = W0.shape[0]
     opt = torch.optim.Adam([W0], lr=s.lr)
     method = backward_method(name, s.truncation, divergence_factor=s.divergence_factor)
-    forward = rbp_core.FixedPointIteration(tol=0.0, max_iter=s.updates, divergence_factor=None)
+    forward = rbp_core.FixedPointIteration(rtol=0.0, max_iter=s.updates, divergence_factor=None)
     order_rng = np.random.default_rng(s.seed)
     start = time.perf_counter()
     current_epoch = 0
@@ -359,7 +359,7 @@ def train_method(name: str, images: Any, corrupted: Any, s: Settings, progress: 
                         lambda h, W=W, x=x: hopfield_step(W, h, x, s.a, s.b),
                         h0,
                         backward=method,
-                        forward=forward,
+                        solver=forward,
                         throw=False,
                         on_backward_failure="ignore",
                     )

@@ -3,8 +3,8 @@
 The evidence behind Neumann-RBP's default ``divergence_factor`` (docs/method.md). It runs
 ``examples/hopfield.py``'s training of Neumann-RBP with the divergence test off (so the trajectory
 is the one the old default of 1e4 produced: every series is applied), records every backward
-solve's term norms ``||g||, ||v_1||, ..., ||v_K||`` through a backward method that wraps
-``rbp_core.Neumann`` (any object with the BackwardMethod protocol plugs into the adapter), and
+solve's term norms ``||g||, ||v_1||, ..., ||v_K||`` through a subclass of ``rbp_core.Neumann``
+(any adjoint method plugs into the adapter), and
 reports, per candidate factor F, which solves the test "a term exceeds F times the smallest
 before it" would flag.
 
@@ -19,10 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+import rbp_core
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hopfield
@@ -30,23 +31,21 @@ import hopfield
 FACTORS = (2.0, 3.0, 5.0, 10.0, 20.0, 100.0, 1e4)
 
 
-@dataclass
-class RecordingNeumann:
-    """``rbp_core.Neumann(steps, divergence_factor=None)`` that keeps every solve's term norms."""
+@dataclass(frozen=True)
+class RecordingNeumann(rbp_core.Neumann):
+    """``rbp_core.Neumann(steps, divergence_factor=None)`` that keeps every solve's term norms.
 
-    steps: int
-    records: list[list[float]] = field(default_factory=list)
-    needs_jvp = False
-    supports_warm_start = False
+    The driver hands a successful solve's term norms (and ``||g||``) to the method's
+    ``success_note``; this subclass records them there. With the divergence test off every
+    finite series succeeds, so every solve but a non-finite one is recorded.
+    """
 
-    def solve(self, vjp: Callable[[Any], Any], g: Any, **kw: Any) -> Any:
-        import torch
+    divergence_factor: float | None = None
+    records: list[list[float]] = field(default_factory=list, compare=False)
 
-        import rbp_core
-
-        sol = rbp_core.Neumann(self.steps, divergence_factor=None).solve(vjp, g, **kw)
-        self.records.append([float(torch.linalg.vector_norm(g)), *sol.residual_norms])
-        return sol
+    def success_note(self, norms: tuple[float, ...], reference: float) -> str:
+        self.records.append([reference, *norms])
+        return super().success_note(norms, reference)
 
 
 def trips(terms: Sequence[float], factor: float) -> int | None:

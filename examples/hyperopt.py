@@ -30,8 +30,8 @@ How each method gets d(meta loss)/d(a, b):
   (T terms of the back-propagated series).
 - "RBP", "CG-RBP", "Neumann-RBP": as in the paper, the final training state is treated as an
   approximate fixed point of the last step's map f, the full-batch step. Steps 1..N-1 run without a
-  graph; then ``rbp_core.backends.torch.fixed_point(f, h_{N-1}, backward=..., forward=
-  FixedPointIteration(tol=0.0, max_iter=1, divergence_factor=None), throw=False,
+  graph; then ``rbp_core.backends.torch.fixed_point(f, h_{N-1}, backward=..., solver=
+  FixedPointIteration(rtol=0.0, max_iter=1, divergence_factor=None), throw=False,
   on_backward_failure="ignore")``. Its forward solve is the one call h* = f(h_{N-1}) = h_N, the
   same final state as BPTT's (the reported meta loss is the validation loss at h*, for every method
   the loss of theta_N). The adapter returns f(h*), one more full-batch step, whose autograd graph
@@ -51,10 +51,10 @@ How each method gets d(meta loss)/d(a, b):
   f computes its inner gradient with ``torch.autograd.grad(loss, theta, create_graph=True)`` when
   theta requires grad (in the adapter's backward solve, where h* does), and on detached leaves
   otherwise (the forward solve, the attached step), so that step keeps no second-order graph.
-- CG-RBP needs J v as well as J^T v. It uses the adapter's default ``jvp="double-backward"``: the
+- CG-RBP needs J v as well as J^T v. It uses the adapter's default ``jvp_mode="double-backward"``: the
   gradient of <J^T u, v> with respect to u, a third-order reverse pass through the SGD step
   (:func:`step_jvp` is the same product, checked against finite differences in the tests). The
-  forward-mode alternative, ``jvp="forward"`` (torch.func.jvp), fails on this f with a RuntimeError
+  forward-mode alternative, ``jvp_mode="forward"`` (torch.func.jvp), fails on this f with a RuntimeError
   (``requires_grad_``/``torch.autograd.grad`` inside a functorch transform); a step written with
   ``torch.func.grad`` instead works with both modes (checked by hand: the same J v to 1e-10).
 
@@ -375,7 +375,7 @@ def full_batch_map(problem: Problem, alpha: Any, beta: Any) -> Any:
 
 def step_jvp(f: Any, state: tuple[Any, ...], v: tuple[Any, ...]) -> tuple[Any, ...]:
     """``J v`` of a step ``f`` at ``state`` by double backward, the product CG-RBP gets from the adapter
-    (``jvp="double-backward"``): J^T u is linear in u, so the gradient of <J^T u, v> in u is J v."""
+    (``jvp_mode="double-backward"``): J^T u is linear in u, so the gradient of <J^T u, v> in u is J v."""
     import torch
 
     with torch.enable_grad():
@@ -475,7 +475,7 @@ def meta_gradient(
         full_batch_map(problem, alpha, beta),
         start,
         backward=backward_method(name, T),
-        forward=rbp_core.FixedPointIteration(tol=0.0, max_iter=1, divergence_factor=None),
+        solver=rbp_core.FixedPointIteration(rtol=0.0, max_iter=1, divergence_factor=None),
         throw=False,
         on_backward_failure="ignore",
     )

@@ -20,10 +20,10 @@ element (a matrix-vector product rounds up to about ``n eps |J^T| |z|``; that er
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-from ._arrays import Array, eps, norm, size, sum_eps
-from ._monitor import Monitor
+from ._floats import eps, size, sum_eps
+from ._norms import norm
+from ._typing import Array, Namespace
 
 __all__ = ["norm_slack", "residual_bound"]
 
@@ -31,29 +31,29 @@ _HOST = 1.0 + 16 * 2.0**-53
 """Covers the rounding of the few float64 host operations that combine the norms."""
 
 
-def norm_slack(xp: Any, x: Array) -> float:
+def norm_slack(xp: Namespace, x: Array) -> float:
     """``1 / (1 - (n + 2) eps_s)``: a computed norm of ``x`` times this bounds its true norm (inf if n is huge)."""
     gamma = (size(x) + 2) * sum_eps(xp, x.dtype)
     return 1.0 / (1.0 - gamma) if gamma < 1.0 else float("inf")
 
 
 def residual_bound(
-    xp: Any,
+    xp: Namespace,
     op: Callable[[Array], Array],
     g: Array,
     z: Array,
     gnorm: float,
     mu: float,
-    mon: Monitor,
+    check_ratio: Callable[[float, float], None],
 ) -> float:
     """``(||g - z + J^T z|| + delta) / (1 - mu)``, a bound on ``||z - z*||`` that holds in floating point.
 
     Costs one call of ``op`` (``v -> J^T v``). The pair ``(||J^T z||, ||z||)`` it sees is one more
-    lower bound on ``||J||_2``, checked against ``mu`` through ``mon``.
+    lower bound on ``||J||_2``, handed to ``check_ratio``.
     """
     jz = op(z)
     rnorm = norm(xp, (g - z) + jz)
     znorm, jznorm = norm(xp, z), norm(xp, jz)
-    mon.check_ratio(jznorm, znorm)
+    check_ratio(jznorm, znorm)
     delta = 2.0 * eps(xp, g.dtype) * (gnorm + znorm + jznorm)
     return (rnorm + delta) * norm_slack(xp, g) * _HOST / (1.0 - mu)

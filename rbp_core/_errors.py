@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ._solution import Solution, Status
 
-__all__ = ["ContractionViolation", "ConvergenceError", "RBPError"]
+__all__ = ["BackwardFailureWarning", "ContractionViolation", "ConvergenceError", "RBPError"]
 
 
 class RBPError(Exception):
@@ -39,3 +39,7 @@ class ContractionViolation(RBPError, ValueError):  # noqa: N818 - it reports a v
     the stated bound, the error certificate built on that bound would be
     false, so rbp-core refuses to return it.
     """
+
+
+class BackwardFailureWarning(RuntimeWarning):
+    """An implicit backward solve failed and its gradient was skipped or applied inexact (see ``on_failure``)."""

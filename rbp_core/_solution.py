@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["Solution", "Status"]
@@ -33,16 +35,15 @@ class Solution:
     status : Status
         How the iteration ended.
     method : str
-        The name of the routine that produced this solution
-        (``"fixed_point"``, ``"neumann_rbp"``, ``"original_rbp"``,
-        ``"cg_rbp"``).
+        The name of the solver that produced this solution, its ``name``
+        (``"fixed_point_iteration"``, ``"neumann_rbp"``, ``"original_rbp"``,
+        ``"cg_rbp"``, ...).
     num_steps : int
         Iterations performed.
     num_vjp : int
-        Calls of the ``vjp`` callback (for :func:`~rbp_core.fixed_point`:
-        calls of ``f``).
+        Calls of the ``vjp`` callback (0 for a forward solve).
     num_jvp : int
-        Calls of the ``jvp`` callback.
+        Calls of the ``jvp`` callback (0 for a forward solve).
     residual_norms : tuple of float
         The norm monitored at each iteration (see each routine for what it
         is), as Python floats.
@@ -54,11 +55,19 @@ class Solution:
         the 2-norm distance between :attr:`!value` and the exact solution,
         rounding included (see the certificates in the method page); None
         when no contraction bound was given or it was shown false.
+    contraction_violated : bool
+        True when the iteration met a vector ``v`` with ``||J v|| > mu ||v||``
+        (beyond rounding) for the ``contraction`` bound ``mu`` it was given:
+        the bound is false, so :attr:`!error_bound` is None.
     note : str
         What the status alone does not say, in words: for a truncated
         Neumann series the number of terms and the size of the last one
         relative to the first; for ``DIVERGED`` the growth that tripped the
         test, the setting, and how to relax it. Empty otherwise.
+    num_f_evals : int
+        Calls of ``f`` in a forward solve (0 for an adjoint solve).
+    stats : Mapping
+        Counts that only some solvers have, by name (read-only).
     """
 
     value: Any
@@ -71,6 +80,9 @@ class Solution:
     tolerance: float | None
     error_bound: float | None
     note: str = ""
+    num_f_evals: int = 0
+    contraction_violated: bool = False
+    stats: Mapping[str, object] = field(default_factory=lambda: types.MappingProxyType({}))
 
     @property
     def converged(self) -> bool:
@@ -81,24 +93,34 @@ class Solution:
         """One line that says what happened, for logs and error messages."""
         last = f"{self.residual_norms[-1]:.3e}" if self.residual_norms else "n/a"
         tol = f"{self.tolerance:.3e}" if self.tolerance is not None else "n/a"
-        calls = (
-            f"{self.num_vjp} calls of f"
-            if self.method == "fixed_point"
-            else f"{self.num_vjp} VJP, {self.num_jvp} JVP calls"
-        )
+        if self.num_f_evals:
+            calls = f"{self.num_f_evals} calls of f"
+        elif self.num_vjp or self.num_jvp:
+            calls = f"{self.num_vjp} VJP, {self.num_jvp} JVP calls"
+        else:
+            calls = "no callback calls"
+        if self.error_bound is not None:
+            bound = f"error bound {self.error_bound:.3e}"
+        else:
+            bound = (
+                "no error bound (the contraction bound was disproved)"
+                if self.contraction_violated
+                else "no error bound"
+            )
         # A fixed number of steps (Neumann-RBP) has nothing to converge to: say what ran.
         fixed = self.tolerance is None and self.converged
         outcome = (
             f"ran {self.num_steps} iterations" if fixed else f"{self.status.value} after {self.num_steps} iterations"
         )
         note = f"; {self.note}" if self.note else ""
-        return f"{self.method}: {outcome} ({calls}); last residual norm {last}, tolerance {tol}{note}"
+        return f"{self.method}: {outcome} ({calls}); last residual norm {last}, tolerance {tol}, {bound}{note}"
 
     def __repr__(self) -> str:
         bound = "None" if self.error_bound is None else f"{self.error_bound:.3e}"
         return (
             f"Solution(status={self.status.name}, method={self.method!r}, "
             f"num_steps={self.num_steps}, num_vjp={self.num_vjp}, num_jvp={self.num_jvp}, "
+            f"num_f_evals={self.num_f_evals}, "
             f"error_bound={bound}, value=<{type(self.value).__name__} "
             f"shape={tuple(getattr(self.value, 'shape', ()))}>)"
         )

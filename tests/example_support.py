@@ -6,29 +6,37 @@ import contextlib
 import importlib.util
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar
 
 import rbp_core
 
 
-class Amplified:
-    """Original RBP on 1000 J^T: its iteration blows up, as the paper's original RBP does (a result)."""
+@dataclass(frozen=True)
+class Amplified(rbp_core.OriginalRBP):
+    """Original RBP on 1000 J^T: its iteration blows up, as the paper's original RBP does (a result).
 
-    needs_jvp = False
-    supports_warm_start = False
+    A new adjoint method is a frozen dataclass with a ``step``: here the one of original RBP on a
+    scaled operator.
+    """
 
-    def solve(
-        self, vjp: Any, g: Any, *, jvp: Any = None, z0: Any = None, contraction: Any = None, throw: bool = True
-    ) -> Any:
-        return rbp_core.original_rbp(lambda v: 1000.0 * vjp(v), g, max_iter=20, throw=throw)
+    max_iter: int = 20
+    factor: float = 1000.0
+    name: ClassVar[str] = "amplified_rbp"
+
+    def step(self, A: Any, state: Any, ops: Any) -> Any:
+        z, g = state
+        z_new, sq = ops.add_sqdist(self.factor * A.vjp(z), g, z)
+        return (z_new, g), z_new, (sq,), ((z_new, z),)
 
 
+@dataclass(frozen=True)
 class Broken(Amplified):
     """A backward method with a bug: the scripts must report it and exit 1."""
 
-    def solve(self, vjp: Any, g: Any, **kwargs: Any) -> Any:
+    def step(self, A: Any, state: Any, ops: Any) -> Any:
         msg = "a bug in a backward method"
         raise RuntimeError(msg)
 

@@ -52,12 +52,16 @@ def test_list_returned_for_numpy_state() -> None:
         (lambda g: rbp_core.neumann_rbp(lambda v: v, g, steps=-1), ValueError, "steps must be >= 0, got -1"),
         (lambda g: rbp_core.neumann_rbp(lambda v: v, g, steps=2.5), TypeError, "steps must be an integer"),
         (lambda g: rbp_core.neumann_rbp(lambda v: v, g, steps=True), TypeError, "steps must be an integer"),
-        (lambda g: rbp_core.original_rbp(lambda v: v, g, tol=-1e-3), ValueError, "tol must be finite and >= 0"),
+        (lambda g: rbp_core.original_rbp(lambda v: v, g, rtol=-1e-3), ValueError, "tol must be finite and >= 0"),
         (lambda g: rbp_core.original_rbp(lambda v: v, g, max_iter=0), ValueError, "max_iter must be >= 1, got 0"),
-        (lambda g: rbp_core.cg_rbp(lambda v: v, lambda v: v, g, tol=float("nan")), ValueError, "tol must be finite"),
+        (lambda g: rbp_core.cg_rbp(lambda v: v, lambda v: v, g, rtol=float("nan")), ValueError, "tol must be finite"),
         (lambda g: rbp_core.neumann_rbp(lambda v: v, g, steps=1, contraction=1.0), ValueError, r"\[0, 1\)"),
         (lambda g: rbp_core.neumann_rbp(lambda v: v, g, steps=1, contraction=-0.1), ValueError, r"\[0, 1\)"),
-        (lambda g: rbp_core.fixed_point(lambda v: v, g, damping=0.0), ValueError, r"damping must lie in \(0, 1\]"),
+        (
+            lambda g: rbp_core.fixed_point(lambda v: v, g, rbp_core.FixedPointIteration(damping=0.0)),
+            ValueError,
+            r"damping must lie in \(0, 1\]",
+        ),
         (lambda g: rbp_core.original_rbp(lambda v: v, g, divergence_factor=0.5), ValueError, "divergence_factor"),
         (lambda g: rbp_core.neumann_rbp(None, g, steps=1), TypeError, "vjp must be callable"),
     ],
@@ -109,7 +113,7 @@ def test_warm_start_of_wrong_shape(backend) -> None:
 
 
 def test_norm_survives_overflow_and_underflow(backend) -> None:
-    from rbp_core._arrays import norm
+    from rbp_core._norms import norm
 
     big = backend.asarray(np.full(4, 1e30), "float32")  # sum of squares overflows float32
     with warnings.catch_warnings():

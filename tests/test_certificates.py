@@ -36,7 +36,7 @@ def test_neumann_bound_is_attained(backend, steps: int) -> None:
 
 def test_original_bound_is_attained(backend) -> None:
     vjp, _, g, _ = _scaled_identity(backend)
-    sol = rbp_core.original_rbp(vjp, g, tol=1e-3, contraction=MU)
+    sol = rbp_core.original_rbp(vjp, g, rtol=1e-3, contraction=MU)
     true_error = np.linalg.norm(backend.to_numpy(sol.value) - G / (1 - MU))
     assert sol.error_bound == pytest.approx(true_error, rel=1e-6)
 
@@ -45,7 +45,7 @@ def test_cg_bound_is_attained(backend) -> None:
     vjp, jvp, g, _ = _scaled_identity(backend)
     # Start away from the solution so that the residual is not zero after one step.
     z0 = backend.asarray(np.array([1.0, 1.0]))
-    sol = rbp_core.cg_rbp(vjp, jvp, g, tol=0.5, z0=z0, contraction=MU)
+    sol = rbp_core.cg_rbp(vjp, jvp, g, rtol=0.5, z0=z0, contraction=MU)
     true_error = np.linalg.norm(backend.to_numpy(sol.value) - G / (1 - MU))
     # For A = (1 - mu) I, ||z - z*|| = ||r|| / (1 - mu) exactly.
     assert sol.error_bound == pytest.approx(true_error, rel=1e-9)
@@ -53,7 +53,9 @@ def test_cg_bound_is_attained(backend) -> None:
 
 def test_fixed_point_bound_is_attained(backend) -> None:
     b = backend.asarray(G)
-    sol = rbp_core.fixed_point(lambda h: MU * h + b, backend.asarray(np.zeros(2)), tol=1e-3, contraction=MU)
+    sol = rbp_core.fixed_point(
+        lambda h: MU * h + b, backend.asarray(np.zeros(2)), rbp_core.FixedPointIteration(rtol=1e-3), contraction=MU
+    )
     true_error = np.linalg.norm(backend.to_numpy(sol.value) - G / (1 - MU))
     assert sol.error_bound == pytest.approx(true_error, rel=1e-6)
 
@@ -61,7 +63,10 @@ def test_fixed_point_bound_is_attained(backend) -> None:
 def test_damped_fixed_point_bound_uses_damped_rate(backend) -> None:
     b = backend.asarray(G)
     sol = rbp_core.fixed_point(
-        lambda h: MU * h + b, backend.asarray(np.zeros(2)), tol=1e-3, damping=0.5, contraction=MU
+        lambda h: MU * h + b,
+        backend.asarray(np.zeros(2)),
+        rbp_core.FixedPointIteration(rtol=1e-3, damping=0.5),
+        contraction=MU,
     )
     true_error = np.linalg.norm(backend.to_numpy(sol.value) - G / (1 - MU))
     assert sol.error_bound == pytest.approx(true_error, rel=1e-6)
@@ -133,13 +138,13 @@ def test_true_error_never_exceeds_the_bound(backend, dtype, problem: Problem, st
     if method == "neumann":
         sol = rbp_core.neumann_rbp(vjp, gb, steps=steps, contraction=mu, divergence_factor=None)
     elif method == "original":
-        sol = rbp_core.original_rbp(vjp, gb, tol=tol, max_iter=5000, contraction=mu)
+        sol = rbp_core.original_rbp(vjp, gb, rtol=tol, max_iter=5000, contraction=mu)
     elif method == "cg":
         jvp = _exact_rounded(backend, J, shape, dtype)
-        sol = rbp_core.cg_rbp(vjp, jvp, gb, tol=tol, contraction=mu)
+        sol = rbp_core.cg_rbp(vjp, jvp, gb, rtol=tol, contraction=mu)
     else:  # the forward solve of h = J h + g (F rounded once per element), whose bound is on h*
         F = _exact_rounded(backend, J, shape, dtype, shift=g_used)
-        sol = rbp_core.fixed_point(F, gb, tol=tol, max_iter=10_000, contraction=mu)
+        sol = rbp_core.fixed_point(F, gb, rbp_core.FixedPointIteration(rtol=tol, max_iter=10_000), contraction=mu)
     exact = _solve_ext(np.eye(n) - (J if method == "fixed" else J.T), g_used)
     true_error = _ext_norm(backend.to_numpy(sol.value).reshape(-1).astype(EXT) - exact)
     assert sol.error_bound is not None

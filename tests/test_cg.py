@@ -19,7 +19,7 @@ def test_solves_when_spectral_radius_exceeds_one(backend, dtype, problem: Proble
     sv = np.linalg.svd(A, compute_uv=False)
     kappa = sv[0] / sv[-1]
     tol = 100 * problem.n * eps(dtype) * kappa
-    sol = rbp_core.cg_rbp(vjp, jvp, backend.asarray(g, dtype), tol=tol, max_iter=20 * problem.n + 50)
+    sol = rbp_core.cg_rbp(vjp, jvp, backend.asarray(g, dtype), rtol=tol, max_iter=20 * problem.n + 50)
     assert sol.converged
     assert sol.num_vjp == sol.num_jvp == sol.num_steps
     z = backend.to_numpy(sol.value)
@@ -34,7 +34,7 @@ def test_solves_when_spectral_radius_exceeds_one(backend, dtype, problem: Proble
 def test_certificate_is_sound(backend, problem: Problem) -> None:
     J, g = problem.build()
     vjp, jvp = backend.matrix_callbacks(J, problem.shape, "float64")
-    sol = rbp_core.cg_rbp(vjp, jvp, backend.asarray(g), tol=1e-6, contraction=problem.mu)
+    sol = rbp_core.cg_rbp(vjp, jvp, backend.asarray(g), rtol=1e-6, contraction=problem.mu)
     assert sol.num_vjp == sol.num_steps + 1  # one fresh residual for the certificate
     true_error = norm(backend.to_numpy(sol.value) - problem.exact(J, g))
     assert sol.error_bound is not None
@@ -56,7 +56,7 @@ def test_warm_start(backend) -> None:
     vjp, jvp = backend.matrix_callbacks(J, (2,), "float64")
     exact = np.linalg.solve(np.eye(2) - J.T, np.ones(2))
     z0 = backend.asarray(exact)
-    sol = rbp_core.cg_rbp(vjp, jvp, backend.asarray(np.ones(2)), tol=1e-10, z0=z0)
+    sol = rbp_core.cg_rbp(vjp, jvp, backend.asarray(np.ones(2)), rtol=1e-10, z0=z0)
     assert sol.converged
     assert sol.num_steps == 0
     assert sol.num_vjp == 1
@@ -77,6 +77,6 @@ def test_max_steps(backend) -> None:
     J = 0.9 * rng.standard_normal((30, 30)) / 11
     vjp, jvp = backend.matrix_callbacks(J, (30,), "float64")
     with pytest.raises(rbp_core.ConvergenceError) as info:
-        rbp_core.cg_rbp(vjp, jvp, backend.asarray(rng.standard_normal(30)), tol=1e-14, max_iter=2)
+        rbp_core.cg_rbp(vjp, jvp, backend.asarray(rng.standard_normal(30)), rtol=1e-14, max_iter=2)
     assert info.value.status is Status.MAX_STEPS
     assert info.value.solution.num_steps == 2

@@ -129,7 +129,7 @@ def test_strided_and_other_dtypes_fall_back(cp, cb):
 def test_breakdown_and_overflow_are_seen_through_the_fused_kernels(cp):
     # CG on a singular system: J = diag(1, 0.5) makes I - J^T singular and g = (1, 1) is not in its range.
     J = cp.asarray([[1.0, 0.0], [0.0, 0.5]])
-    sol = rbp_core.cg_rbp(lambda v: J.T @ v, lambda v: J @ v, cp.ones(2), tol=1e-14, max_iter=50, throw=False)
+    sol = rbp_core.cg_rbp(lambda v: J.T @ v, lambda v: J @ v, cp.ones(2), rtol=1e-14, max_iter=50, throw=False)
     assert sol.status in (rbp_core.Status.BREAKDOWN, rbp_core.Status.MAX_STEPS)
     assert np.isfinite(sol.value.get()).all()
     # A term whose sum of squares overflows float64 but whose norm does not: the norm is still right.
@@ -157,8 +157,8 @@ def test_solvers_fused_equal_generic(cp, cb, dtype):
         with cb.fused_kernels(fused):
             runs[fused] = [
                 rbp_core.neumann_rbp(vjp, g, steps=150),
-                rbp_core.original_rbp(vjp, g, tol=tol),
-                rbp_core.cg_rbp(vjp, jvp, g, tol=tol),
+                rbp_core.original_rbp(vjp, g, rtol=tol),
+                rbp_core.cg_rbp(vjp, jvp, g, rtol=tol),
             ]
     for a, b in zip(runs[True], runs[False], strict=True):
         assert a.status is b.status
@@ -169,7 +169,9 @@ def test_solvers_fused_equal_generic(cp, cb, dtype):
         np.testing.assert_allclose(
             a.residual_norms[:5], b.residual_norms[:5], rtol=1e-4 if dtype == "float32" else 1e-10
         )
-    h = rbp_core.fixed_point(lambda h: cp.tanh(J @ h + g), cp.zeros(n, dtype=dtype), tol=tol)
+    h = rbp_core.fixed_point(
+        lambda h: cp.tanh(J @ h + g), cp.zeros(n, dtype=dtype), rbp_core.FixedPointIteration(rtol=tol)
+    )
     assert h.converged
     assert isinstance(h.value, cp.ndarray)
 
@@ -221,7 +223,7 @@ def test_jacobian_callbacks_errors(cp, cb):
 
 
 @pytest.mark.parametrize(
-    "method", [rbp_core.Neumann(steps=200), rbp_core.OriginalRBP(tol=1e-12), rbp_core.CGRBP(tol=1e-12)]
+    "method", [rbp_core.Neumann(steps=200), rbp_core.OriginalRBP(rtol=1e-12), rbp_core.CGRBP(rtol=1e-12)]
 )
 def test_implicit_gradient_of_a_cupy_simulator(cp, cb, method):
     # h = tanh(W h + U x), dL/dh* = h* - target; the gradient with respect to x against a dense solve.
@@ -243,7 +245,7 @@ def test_implicit_gradient_of_a_cupy_simulator(cp, cb, method):
         jvp_state=lambda h, v: (1 - f(h) ** 2) * (W @ v),
         vjp_params=lambda h, z: U.T @ ((1 - f(h) ** 2) * z),
         method=method,
-        forward=rbp_core.FixedPointIteration(tol=1e-13),
+        solver=rbp_core.FixedPointIteration(rtol=1e-13),
     )
     assert isinstance(res.gradient, cp.ndarray)
     h = res.value.get()

@@ -214,16 +214,16 @@ def test_implicit_gradient_matches_dense_solve(graph):
     dense = [*dense, *torch.autograd.grad(loss_of(h_star), list(readout.parameters()))]
     assert min(float(d.abs().max()) for d in dense) > 1e-3  # a non-trivial gradient
 
-    tight = rbp_core.FixedPointIteration(tol=1e-14, max_iter=2000)
+    tight = rbp_core.FixedPointIteration(rtol=1e-14, max_iter=2000)
     methods = {
-        "RBP": (rbp_core.OriginalRBP(tol=1e-13, max_iter=2000), "double-backward"),
-        "CG-RBP": (rbp_core.CGRBP(tol=1e-13, max_iter=2000), "double-backward"),
-        "CG-RBP forward-mode": (rbp_core.CGRBP(tol=1e-13, max_iter=2000), "forward"),
+        "RBP": (rbp_core.OriginalRBP(rtol=1e-13, max_iter=2000), "double-backward"),
+        "CG-RBP": (rbp_core.CGRBP(rtol=1e-13, max_iter=2000), "double-backward"),
+        "CG-RBP forward-mode": (rbp_core.CGRBP(rtol=1e-13, max_iter=2000), "forward"),
         "Neumann-RBP": (rbp_core.Neumann(steps=600), "double-backward"),
         "BPTT": (BPTT(), "double-backward"),
     }
     for name, (method, jvp) in methods.items():
-        state, info = fixed_point(f, h0, backward=method, forward=tight, jvp=jvp, on_backward_failure="raise")
+        state, info = fixed_point(f, h0, backward=method, solver=tight, jvp_mode=jvp, on_backward_failure="raise")
         grads = torch.autograd.grad(loss_of(state), params)
         assert info.forward.converged, name
         for got, want in zip(grads, dense, strict=True):

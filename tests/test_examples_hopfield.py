@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -163,11 +164,12 @@ def test_divergence_is_a_result_and_a_bug_is_not(hopfield, tmp_path, monkeypatch
     assert metrics["methods"]["Neumann-RBP"]["status"] == "ok"
 
 
+@dataclass(frozen=True)
 class _NaNs(Amplified):
     """A backward solve that goes non-finite."""
 
-    def solve(self, vjp, g, **kwargs):
-        return rbp_core.original_rbp(lambda v: vjp(v) * float("nan"), g, max_iter=5, throw=kwargs.get("throw", True))
+    max_iter: int = 5
+    factor: float = float("nan")
 
 
 def test_skip_on_diverged_skips_the_step_and_nonfinite_still_stops(hopfield, tmp_path, monkeypatch):

@@ -135,8 +135,8 @@ def test_rbp_hypergradients_match_dense_implicit_gradient(hyperopt, monkeypatch)
     n = len(problem.theta0)
     raw_lr, raw_mom = _raw(torch, n, math.log(0.5), 0.0)
     tight = {
-        "RBP": rbp_core.OriginalRBP(tol=1e-13, max_iter=500),
-        "CG-RBP": rbp_core.CGRBP(tol=1e-13, max_iter=500),
+        "RBP": rbp_core.OriginalRBP(rtol=1e-13, max_iter=500),
+        "CG-RBP": rbp_core.CGRBP(rtol=1e-13, max_iter=500),
         "Neumann-RBP": rbp_core.Neumann(steps=300),
     }
     monkeypatch.setattr(hyperopt, "backward_method", lambda name, T: tight[name])

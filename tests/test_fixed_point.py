@@ -20,7 +20,10 @@ def test_reaches_fixed_point_of_affine_contraction(backend, dtype, problem: Prob
     h0 = backend.asarray(np.zeros(problem.shape), dtype)
     tol = 10 * problem.n * eps(dtype) / (1 - problem.mu)
     sol = rbp_core.fixed_point(
-        lambda h: jvp(h) + bb, h0, tol=tol, max_iter=10_000, damping=damping, contraction=problem.mu
+        lambda h: jvp(h) + bb,
+        h0,
+        rbp_core.FixedPointIteration(rtol=tol, max_iter=10_000, damping=damping),
+        contraction=problem.mu,
     )
     assert sol.converged
     h = backend.to_numpy(sol.value)
@@ -40,8 +43,8 @@ def test_reaches_fixed_point_of_affine_contraction(backend, dtype, problem: Prob
 def test_absolute_floor_for_zero_fixed_point(backend) -> None:
     h0 = backend.asarray(np.ones(3))
     with pytest.raises(rbp_core.ConvergenceError):
-        rbp_core.fixed_point(lambda h: 0.5 * h, h0, tol=1e-3, max_iter=50)
-    sol = rbp_core.fixed_point(lambda h: 0.5 * h, h0, tol=1e-3, atol=1e-8, max_iter=100)
+        rbp_core.fixed_point(lambda h: 0.5 * h, h0, rbp_core.FixedPointIteration(rtol=1e-3, max_iter=50))
+    sol = rbp_core.fixed_point(lambda h: 0.5 * h, h0, rbp_core.FixedPointIteration(rtol=1e-3, atol=1e-8, max_iter=100))
     assert sol.converged
     assert norm(backend.to_numpy(sol.value)) <= 2e-8
 
@@ -53,15 +56,18 @@ def test_counts_and_residual_history(backend) -> None:
         calls.append(1)
         return 0.5 * h + 1.0
 
-    sol = rbp_core.fixed_point(f, backend.asarray(np.zeros(2)), tol=1e-12)
-    assert len(calls) == sol.num_vjp == sol.num_steps == len(sol.residual_norms)
+    sol = rbp_core.fixed_point(f, backend.asarray(np.zeros(2)), rbp_core.FixedPointIteration(rtol=1e-12))
+    assert len(calls) == sol.num_f_evals == sol.num_steps == len(sol.residual_norms)
+    assert sol.num_vjp == sol.num_jvp == 0
     assert all(b <= a for a, b in zip(sol.residual_norms, sol.residual_norms[1:], strict=False))
     np.testing.assert_allclose(backend.to_numpy(sol.value), [2.0, 2.0])
 
 
 def test_divergent_map_is_reported(backend) -> None:
     with pytest.raises(rbp_core.ConvergenceError) as info:
-        rbp_core.fixed_point(lambda h: 3.0 * h + 1.0, backend.asarray(np.zeros(2)), max_iter=500)
+        rbp_core.fixed_point(
+            lambda h: 3.0 * h + 1.0, backend.asarray(np.zeros(2)), rbp_core.FixedPointIteration(max_iter=500)
+        )
     assert info.value.status in (Status.DIVERGED, Status.NONFINITE)
     assert np.all(np.isfinite(backend.to_numpy(info.value.solution.value)))
 

@@ -33,8 +33,8 @@ def test_callbacks_from_each_form(form: str, shape: tuple[int, ...]) -> None:
     exact = np.linalg.solve(np.eye(6) - J.T, g.reshape(-1)).reshape(shape)
     for sol in (
         rbp_core.neumann_rbp(cb.vjp, g, steps=80),
-        rbp_core.original_rbp(cb.vjp, g, tol=1e-13),
-        rbp_core.cg_rbp(cb.vjp, cb.jvp, g, tol=1e-13),
+        rbp_core.original_rbp(cb.vjp, g, rtol=1e-13),
+        rbp_core.cg_rbp(cb.vjp, cb.jvp, g, rtol=1e-13),
     ):
         np.testing.assert_allclose(sol.value, exact, rtol=1e-10, atol=1e-12)
 
@@ -77,7 +77,7 @@ def test_helper_with_hand_written_derivatives() -> None:
     b = rng.standard_normal(n)
     t = rng.standard_normal(n)
 
-    def run(W: np.ndarray, b: np.ndarray, method: rbp_core.BackwardMethod) -> rbp_core.ImplicitGradient:
+    def run(W: np.ndarray, b: np.ndarray, method: rbp_core.AdjointMethod) -> rbp_core.ImplicitGradient:
         def f(h: np.ndarray) -> np.ndarray:
             return np.tanh(W @ h + b)
 
@@ -99,7 +99,7 @@ def test_helper_with_hand_written_derivatives() -> None:
             vjp_params=vjp_params,
             jvp_state=jvp_state,
             method=method,
-            forward=rbp_core.FixedPointIteration(tol=1e-14),
+            solver=rbp_core.FixedPointIteration(rtol=1e-14),
             contraction=0.7,
         )
 
@@ -115,7 +115,7 @@ def test_helper_with_hand_written_derivatives() -> None:
             E = np.zeros((n, n))
             E[i, j] = eps
             fd_W[i, j] = (loss(W + E, b) - loss(W - E, b)) / (2 * eps)
-    for method in (rbp_core.Neumann(80), rbp_core.OriginalRBP(tol=1e-12), rbp_core.CGRBP(tol=1e-12)):
+    for method in (rbp_core.Neumann(80), rbp_core.OriginalRBP(rtol=1e-12), rbp_core.CGRBP(rtol=1e-12)):
         res = run(W, b, method)
         gW, gb = res.gradient
         np.testing.assert_allclose(gb, fd_b, rtol=1e-6, atol=1e-9)

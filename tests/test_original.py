@@ -21,7 +21,7 @@ def test_converges_for_contractive_J(backend, dtype, problem: Problem) -> None:
     J, g = problem.build()
     vjp, _ = backend.matrix_callbacks(J, problem.shape, dtype)
     tol = _tol(problem.n, problem.mu, dtype)
-    sol = rbp_core.original_rbp(vjp, backend.asarray(g, dtype), tol=tol, max_iter=5000, contraction=problem.mu)
+    sol = rbp_core.original_rbp(vjp, backend.asarray(g, dtype), rtol=tol, max_iter=5000, contraction=problem.mu)
     assert sol.converged
     assert sol.num_vjp == sol.num_steps  # z_1 = g costs nothing; the certificate's residual costs one
     assert sol.residual_norms[-1] <= tol * norm(g)
@@ -40,14 +40,14 @@ def test_never_succeeds_when_spectral_radius_exceeds_one(backend, problem: Probl
     J, g = problem.build()
     vjp, _ = backend.matrix_callbacks(J, problem.shape, "float64")
     gb = backend.asarray(g)
-    sol = rbp_core.original_rbp(vjp, gb, tol=1e-8, max_iter=1000, throw=False)
+    sol = rbp_core.original_rbp(vjp, gb, rtol=1e-8, max_iter=1000, throw=False)
     assert sol.status is Status.DIVERGED
     assert not sol.converged
     # Detected early: growth by the divergence factor takes about log(1e4)/log(rho) steps after the
     # unstable mode dominates, far below the budget.
     assert sol.num_steps < 1000
     with pytest.raises(rbp_core.ConvergenceError, match="diverged"):
-        rbp_core.original_rbp(vjp, gb, tol=1e-8, max_iter=1000)
+        rbp_core.original_rbp(vjp, gb, rtol=1e-8, max_iter=1000)
 
 
 def test_warm_start_counts_and_is_not_modified(backend) -> None:
@@ -56,12 +56,12 @@ def test_warm_start_counts_and_is_not_modified(backend) -> None:
     g = backend.asarray([1.0, 1.0])
     exact = np.linalg.solve(np.eye(2) - J.T, np.ones(2))
     z0 = backend.asarray(exact + 1e-3)
-    sol = rbp_core.original_rbp(vjp, g, tol=1e-12, z0=z0)
+    sol = rbp_core.original_rbp(vjp, g, rtol=1e-12, z0=z0)
     assert sol.converged
     assert sol.num_vjp == sol.num_steps
     np.testing.assert_allclose(backend.to_numpy(sol.value), exact, rtol=1e-10)
     np.testing.assert_array_equal(backend.to_numpy(z0), exact + 1e-3)
-    cold = rbp_core.original_rbp(vjp, g, tol=1e-12)
+    cold = rbp_core.original_rbp(vjp, g, rtol=1e-12)
     assert sol.num_steps < cold.num_steps
 
 
@@ -70,7 +70,7 @@ def test_max_steps_is_a_failure(backend) -> None:
     vjp, _ = backend.matrix_callbacks(J, (1,), "float64")
     g = backend.asarray([1.0])
     with pytest.raises(rbp_core.ConvergenceError, match="maximum number of iterations") as info:
-        rbp_core.original_rbp(vjp, g, tol=1e-12, max_iter=10)
+        rbp_core.original_rbp(vjp, g, rtol=1e-12, max_iter=10)
     assert info.value.status is Status.MAX_STEPS
     assert info.value.solution.num_steps == 10
 

@@ -32,5 +32,5 @@ def test_pytorch_quick_start_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert blocks, "the README has no PyTorch quick start"
     exec(compile(blocks[0], str(README), "exec"), {})  # noqa: S102 - our own README
     out = [line for line in capsys.readouterr().out.split("\n") if line]
-    assert out[0].startswith("fixed_point: converged")
+    assert out[0].startswith("fixed_point_iteration: converged")
     assert out[1].startswith("original_rbp: converged")

@@ -24,10 +24,10 @@ def test_cg_solution_scales_with_g_over_the_whole_range(backend, dtype) -> None:
     J = np.array([[0.3, 0.2, 0.0], [-0.1, 0.4, 0.2], [0.0, 0.3, -0.5]])
     vjp, jvp = backend.matrix_callbacks(J, (3,), dtype)
     g = np.array([1.0, -2.0, 0.5])
-    ref = rbp_core.cg_rbp(vjp, jvp, backend.asarray(g, dtype), tol=1e-5)
+    ref = rbp_core.cg_rbp(vjp, jvp, backend.asarray(g, dtype), rtol=1e-5)
     base = backend.to_numpy(ref.value)
     for s in SCALES[dtype]:
-        sol = rbp_core.cg_rbp(vjp, jvp, backend.asarray(s * g, dtype), tol=1e-5)
+        sol = rbp_core.cg_rbp(vjp, jvp, backend.asarray(s * g, dtype), rtol=1e-5)
         assert sol.status is rbp_core.Status.SUCCESS, (s, sol.describe())
         # s * g rounds to dtype (relative eps), and the solve's rounding follows: norm-wise, a few eps.
         assert np.linalg.norm(backend.to_numpy(sol.value) / s - base) <= 16 * 3 * eps(dtype) * np.linalg.norm(base)
@@ -145,7 +145,7 @@ def test_method_class_is_refused_at_the_call(cls) -> None:
     g = np.ones(2)
     with pytest.raises(TypeError, match=rf"method must be an instance, not the class .*rbp_core\.{cls.__name__}\(\)"):
         rbp_core.implicit_backward(lambda v: v, lambda z: z, g, cls)
-    with pytest.raises(TypeError, match=r"forward must be an instance.*rbp_core\.FixedPointIteration\(\)"):
+    with pytest.raises(TypeError, match=r"solver must be an instance.*rbp_core\.FixedPointIteration\(\)"):
         rbp_core.implicit_gradient(
             np.cos,
             g,
@@ -153,7 +153,7 @@ def test_method_class_is_refused_at_the_call(cls) -> None:
             vjp_state=lambda h, v: v,
             vjp_params=lambda h, z: z,
             method=rbp_core.Neumann(5),
-            forward=rbp_core.FixedPointIteration,
+            solver=rbp_core.FixedPointIteration,
         )
 
 
@@ -177,7 +177,7 @@ def test_transient_growth_stop_names_the_setting_and_the_way_out(backend) -> Non
     assert "(divergence_factor=100);" in message
     assert "times its smallest" in message
     assert "raise divergence_factor or set it to None" in message
-    sol = rbp_core.original_rbp(vjp, g, divergence_factor=None, tol=1e-12)
+    sol = rbp_core.original_rbp(vjp, g, divergence_factor=None, rtol=1e-12)
     assert sol.converged
     np.testing.assert_allclose(backend.to_numpy(sol.value), np.linalg.solve(np.eye(2) - J.T, [0.0, 1.0]), rtol=1e-9)
 
@@ -202,7 +202,7 @@ def test_series_solvers_scale_with_g_without_warnings(backend, dtype, solver) ->
         gb = backend.asarray(s * g, dtype)
         if solver == "neumann":
             return rbp_core.neumann_rbp(vjp, gb, steps=30, contraction=0.7)
-        return rbp_core.original_rbp(vjp, gb, tol=1e-5, contraction=0.7)
+        return rbp_core.original_rbp(vjp, gb, rtol=1e-5, contraction=0.7)
 
     ref = run(1.0)
     base = backend.to_numpy(ref.value)

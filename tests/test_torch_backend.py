@@ -31,11 +31,11 @@ DEVICES = [
         ],
     ),
 ]
-TIGHT = rbp_core.FixedPointIteration(tol=1e-14, max_iter=10_000)
+TIGHT = rbp_core.FixedPointIteration(rtol=1e-14, max_iter=10_000)
 METHODS = {
     "Neumann": rbp_core.Neumann(steps=150),
-    "OriginalRBP": rbp_core.OriginalRBP(tol=1e-13),
-    "CGRBP": rbp_core.CGRBP(tol=1e-13),
+    "OriginalRBP": rbp_core.OriginalRBP(rtol=1e-13),
+    "CGRBP": rbp_core.CGRBP(rtol=1e-13),
     "BPTT": BPTT(),
     "TBPTT": TBPTT(steps=150),
 }
@@ -87,7 +87,7 @@ def _dense_gradient(model, x, h_star, c):
 
 
 def _implicit_gradients(model, x, h0, c, backward, **kw):
-    h, info = fixed_point(lambda h: model(h, x), h0, backward=backward, forward=TIGHT, **kw)
+    h, info = fixed_point(lambda h: model(h, x), h0, backward=backward, solver=TIGHT, **kw)
     loss = (c * h).sum()
     leaves = [*model.parameters(), x]
     return torch.autograd.grad(loss, leaves), info, h
@@ -137,12 +137,12 @@ def test_gradcheck(method) -> None:
     x = torch.randn(4, dtype=F64)
     backward = {
         "Neumann": rbp_core.Neumann(steps=200),
-        "OriginalRBP": rbp_core.OriginalRBP(tol=1e-14),
-        "CGRBP": rbp_core.CGRBP(tol=1e-14),
+        "OriginalRBP": rbp_core.OriginalRBP(rtol=1e-14),
+        "CGRBP": rbp_core.CGRBP(rtol=1e-14),
     }[method]
 
     def fn(W, x):
-        h, _ = fixed_point(lambda h: torch.tanh(W @ h + x), torch.zeros(4, dtype=F64), backward=backward, forward=TIGHT)
+        h, _ = fixed_point(lambda h: torch.tanh(W @ h + x), torch.zeros(4, dtype=F64), backward=backward, solver=TIGHT)
         return h
 
     assert torch.autograd.gradcheck(fn, (W0.clone().requires_grad_(), x.clone().requires_grad_()))
@@ -162,8 +162,8 @@ def test_tuple_state_lstm() -> None:
         return cell(x, state)
 
     grads = {}
-    for name, method in [("cg", rbp_core.CGRBP(tol=1e-13)), ("bptt", BPTT()), ("neumann", rbp_core.Neumann(200))]:
-        (h, c), _ = fixed_point(f, h0, backward=method, forward=TIGHT)
+    for name, method in [("cg", rbp_core.CGRBP(rtol=1e-13)), ("bptt", BPTT()), ("neumann", rbp_core.Neumann(200))]:
+        (h, c), _ = fixed_point(f, h0, backward=method, solver=TIGHT)
         assert h.shape == (2, n)
         assert c.shape == (2, n)
         loss = (ch * h).sum() + (cc * c).sum()
@@ -175,7 +175,7 @@ def test_tuple_state_lstm() -> None:
 
 def test_module_with_several_parameters_and_info() -> None:
     model = TanhRNN(6, 3, seed=4, device="cpu")
-    layer = FixedPoint(model, backward=rbp_core.OriginalRBP(tol=1e-12), forward_solver=TIGHT, contraction=0.6)
+    layer = FixedPoint(model, backward=rbp_core.OriginalRBP(rtol=1e-12), solver=TIGHT, contraction=0.6)
     assert {name for name, _ in layer.named_parameters()} == {"cell.W", "cell.U", "cell.b"}
     h = layer(torch.randn(2, 3, dtype=F64), torch.zeros(2, 6, dtype=F64))
     h.square().sum().backward()
@@ -211,7 +211,7 @@ def test_second_order_is_a_clear_error() -> None:
 
 def test_second_order_through_bptt_works() -> None:
     W = torch.tensor([[0.3]], dtype=F64, requires_grad=True)
-    h, _ = fixed_point(lambda h: torch.tanh(W @ h + 1.0), torch.zeros(1, dtype=F64), backward=BPTT(), forward=TIGHT)
+    h, _ = fixed_point(lambda h: torch.tanh(W @ h + 1.0), torch.zeros(1, dtype=F64), backward=BPTT(), solver=TIGHT)
     (gW,) = torch.autograd.grad(h.sum(), W, create_graph=True)
     (ggW,) = torch.autograd.grad(gW.sum(), W)
     assert torch.isfinite(ggW).all()
@@ -223,8 +223,10 @@ def test_cg_jvp_modes_agree(mode) -> None:
     x = torch.randn(2, 2, dtype=F64)
     c = torch.randn(2, 5, dtype=F64)
     h0 = torch.zeros(2, 5, dtype=F64)
-    cg, info, _ = _implicit_gradients(model, x.clone().requires_grad_(), h0, c, rbp_core.CGRBP(tol=1e-13), jvp=mode)
-    ref, _, _ = _implicit_gradients(model, x.clone().requires_grad_(), h0, c, rbp_core.OriginalRBP(tol=1e-13))
+    cg, info, _ = _implicit_gradients(
+        model, x.clone().requires_grad_(), h0, c, rbp_core.CGRBP(rtol=1e-13), jvp_mode=mode
+    )
+    ref, _, _ = _implicit_gradients(model, x.clone().requires_grad_(), h0, c, rbp_core.OriginalRBP(rtol=1e-13))
     assert info.backward[0].num_jvp == info.backward[0].num_steps
     for a, b in zip(cg, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
@@ -251,7 +253,7 @@ def test_rbp_graph_does_not_grow_with_forward_iterations() -> None:
                 lambda h: model(h, x),
                 torch.zeros(2, 4, dtype=F64),
                 backward=method,
-                forward=rbp_core.FixedPointIteration(tol=tol),
+                solver=rbp_core.FixedPointIteration(rtol=tol),
             )
             sizes[name, tol] = (_graph_size(h), info.forward.num_steps)
     assert sizes["neumann", 1e-2][1] < sizes["neumann", 1e-12][1]
@@ -281,7 +283,7 @@ def test_backward_failure_warns_by_default_and_can_raise_or_be_quiet() -> None:
     model = TanhRNN(6, 3, seed=10, device="cpu")
     x = torch.randn(2, 3, dtype=F64)
     h0 = torch.zeros(2, 6, dtype=F64)
-    weak = rbp_core.OriginalRBP(tol=1e-14, max_iter=2)
+    weak = rbp_core.OriginalRBP(rtol=1e-14, max_iter=2)
     h, info = fixed_point(lambda h: model(h, x), h0, backward=weak)
     with pytest.warns(BackwardFailureWarning, match=r"OriginalRBP did not converge.*residual norm .*tolerance"):
         h.sum().backward()

@@ -18,10 +18,10 @@ from rbp_core.backends.torch import BPTT, TBPTT, BackwardFailureWarning, FixedPo
 F64 = torch.float64
 RBP = {
     "Neumann": rbp_core.Neumann(steps=200),
-    "OriginalRBP": rbp_core.OriginalRBP(tol=1e-13),
-    "CGRBP": rbp_core.CGRBP(tol=1e-13),
+    "OriginalRBP": rbp_core.OriginalRBP(rtol=1e-13),
+    "CGRBP": rbp_core.CGRBP(rtol=1e-13),
 }
-TIGHT = rbp_core.FixedPointIteration(tol=1e-14, max_iter=10_000)
+TIGHT = rbp_core.FixedPointIteration(rtol=1e-14, max_iter=10_000)
 
 
 def _weights(seed: int = 0, n: int = 4) -> torch.Tensor:
@@ -44,7 +44,7 @@ def test_gradient_accumulation_over_a_loop_uses_each_steps_own_input(name) -> No
                 lambda h: torch.tanh(W @ h + x),  # noqa: B023 - the late binding under test
                 torch.zeros(4, dtype=F64),
                 backward=backward,
-                forward=TIGHT,
+                solver=TIGHT,
             )
             losses.append((h**2).sum())
         sum(losses).backward()
@@ -64,7 +64,7 @@ def test_input_buffer_refilled_in_place_gives_the_forward_time_gradient(name) ->
         W.grad = None
         layer_input.copy_(first)
         h, _ = fixed_point(
-            lambda h: torch.tanh(W @ h + layer_input), torch.zeros(4, dtype=F64), backward=backward, forward=TIGHT
+            lambda h: torch.tanh(W @ h + layer_input), torch.zeros(4, dtype=F64), backward=backward, solver=TIGHT
         )
         if refill:
             layer_input.copy_(second)
@@ -87,9 +87,9 @@ def test_forward_mode_jvp_refuses_a_map_that_changed_since_the_forward_pass() ->
     W = _weights(3)
     x = torch.randn(4, dtype=F64)
     h, _ = fixed_point(
-        lambda h: torch.tanh(W @ h + x), torch.zeros(4, dtype=F64), backward=rbp_core.CGRBP(), jvp="forward"
+        lambda h: torch.tanh(W @ h + x), torch.zeros(4, dtype=F64), backward=rbp_core.CGRBP(), jvp_mode="forward"
     )
-    x.add_(0.5)  # not saved by the graph, but jvp="forward" evaluates f again
+    x.add_(0.5)  # not saved by the graph, but jvp_mode="forward" evaluates f again
     with pytest.raises(RuntimeError, match="no longer equals the step recorded in the forward pass"):
         h.sum().backward()
 
@@ -107,7 +107,7 @@ def test_torch_func_grad_is_refused_with_a_message_that_names_it() -> None:
 
     # The baselines that the message points to do run under torch.func, and agree with autograd.
     def bptt_loss(W):
-        h, _ = fixed_point(lambda h: torch.tanh(W @ h + 1.0), torch.zeros(4, dtype=F64), backward=BPTT(), forward=TIGHT)
+        h, _ = fixed_point(lambda h: torch.tanh(W @ h + 1.0), torch.zeros(4, dtype=F64), backward=BPTT(), solver=TIGHT)
         return h.sum()
 
     W = W0.clone().requires_grad_()
@@ -120,7 +120,7 @@ def test_torch_func_grad_is_refused_with_a_message_that_names_it() -> None:
 @pytest.mark.parametrize("name", list(RBP))
 def test_map_that_ignores_the_state_gives_the_plain_gradient(name, jvp) -> None:
     w = torch.tensor([0.3, -1.2, 2.0], dtype=F64, requires_grad=True)
-    h, info = fixed_point(lambda h: torch.sin(w), torch.zeros(3, dtype=F64), backward=RBP[name], jvp=jvp)
+    h, info = fixed_point(lambda h: torch.sin(w), torch.zeros(3, dtype=F64), backward=RBP[name], jvp_mode=jvp)
     (h * torch.tensor([1.0, 2.0, 3.0], dtype=F64)).sum().backward()
     torch.testing.assert_close(w.grad, torch.cos(w.detach()) * torch.tensor([1.0, 2.0, 3.0], dtype=F64))
     assert info.backward_converged
@@ -135,8 +135,8 @@ def test_a_class_instead_of_an_instance_is_refused_at_the_call() -> None:
     ]:
         with pytest.raises(TypeError, match=rf"backward must be an instance, not the class.*{shown}"):
             fixed_point(lambda h: W @ h, torch.zeros(4, dtype=F64), backward=cls)
-    with pytest.raises(TypeError, match=r"forward must be an instance.*FixedPointIteration\(\)"):
-        fixed_point(lambda h: W @ h, torch.zeros(4, dtype=F64), backward=BPTT(), forward=rbp_core.FixedPointIteration)
+    with pytest.raises(TypeError, match=r"solver must be an instance.*FixedPointIteration\(\)"):
+        fixed_point(lambda h: W @ h, torch.zeros(4, dtype=F64), backward=BPTT(), solver=rbp_core.FixedPointIteration)
 
 
 def test_fixed_point_layer_validates_at_construction() -> None:
@@ -147,8 +147,8 @@ def test_fixed_point_layer_validates_at_construction() -> None:
         FixedPoint(cell, backward=rbp_core.CGRBP(), contraction=1.5)
     with pytest.raises(ValueError, match="on_backward_failure must be one of"):
         FixedPoint(cell, backward=rbp_core.CGRBP(), on_backward_failure="loud")
-    with pytest.raises(ValueError, match="jvp must be"):
-        FixedPoint(cell, backward=rbp_core.CGRBP(), jvp="reverse")
+    with pytest.raises(ValueError, match="jvp_mode must be"):
+        FixedPoint(cell, backward=rbp_core.CGRBP(), jvp_mode="reverse")
     with pytest.raises(TypeError, match="backward must be an instance"):
         FixedPoint(cell, backward=rbp_core.Neumann)
 
@@ -182,7 +182,7 @@ def _diverging(on_backward_failure: str | None):
         lambda h: w * h + 1.0,
         torch.zeros(2, dtype=F64),
         backward=rbp_core.Neumann(steps=30),
-        forward=rbp_core.FixedPointIteration(max_iter=5, divergence_factor=None),
+        solver=rbp_core.FixedPointIteration(max_iter=5, divergence_factor=None),
         throw=False,
         **kw,
     )
@@ -220,7 +220,7 @@ def test_nonfinite_backward_is_skipped_by_default_and_never_applied() -> None:
             lambda h, w=w: w * h * 1e300,
             torch.ones(1, dtype=F64),
             backward=rbp_core.Neumann(5, divergence_factor=None),
-            forward=rbp_core.FixedPointIteration(max_iter=1, divergence_factor=None),
+            solver=rbp_core.FixedPointIteration(max_iter=1, divergence_factor=None),
             throw=False,
             **kw,
         )

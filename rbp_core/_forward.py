@@ -1,0 +1,226 @@
+"""The forward solve ``h* = F(h*)`` with any forward solver, and forward plus backward in one call."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ._adjoint import check_method, solve_adjoint
+from ._callbacks import CheckedCallback, namespace_of, same_kind
+from ._checks import check_contraction, check_instance
+from ._floats import eps, size
+from ._iterate import Outcome, finish, iterate
+from ._norms import norm
+from ._ops import ops_for
+from ._protocols import AdjointMethod, ForwardSolver
+from ._solution import Solution, Status
+from ._solvers.fixed_point_iteration import FixedPointIteration
+from ._typing import Array, FixedPointMap
+
+__all__ = ["ImplicitGradient", "check_solver", "fixed_point", "implicit_gradient"]
+
+
+def check_solver(solver: object) -> ForwardSolver:
+    """``solver``, checked to be an instance of a forward solver; None gives the default."""
+    if solver is None:
+        return FixedPointIteration()
+    check_instance(solver, "solver")
+    if not isinstance(solver, ForwardSolver):
+        msg = f"solver must be a forward solver such as rbp_core.FixedPointIteration(), got {solver!r}"
+        raise TypeError(msg)
+    return solver
+
+
+def fixed_point(
+    f: FixedPointMap,
+    h0: Array,
+    solver: ForwardSolver | None = None,
+    *,
+    contraction: float | None = None,
+    throw: bool = True,
+) -> Solution:
+    r"""Find ``h* = F(h*)`` from ``h0`` with a forward ``solver``.
+
+    Parameters
+    ----------
+    f : callable
+        The map ``h -> F(x, w, h)``; returns an array of the library, shape,
+        dtype and device of ``h0``.
+    h0 : array
+        Starting point, any shape. Never modified.
+    solver : forward solver, optional
+        Default :class:`~rbp_core.FixedPointIteration()`; it holds the
+        tolerances, the budget and the damping.
+    contraction : float, optional
+        A Lipschitz bound ``mu < 1`` of ``F``; gives ``error_bound``, a bound on
+        the distance of the returned iterate from ``h*`` (see the solver). A
+        step that the bound cannot explain disproves it
+        (:class:`~rbp_core.ContractionViolation`, or ``contraction_violated``
+        with ``throw=False``).
+    throw : bool
+        Raise :class:`~rbp_core.ConvergenceError` unless the solve converged.
+
+    Returns
+    -------
+    Solution
+        ``value`` is the last iterate whose values were all finite;
+        ``num_f_evals`` counts the calls of ``f``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import rbp_core
+    >>> sol = rbp_core.fixed_point(np.cos, np.zeros(3), rbp_core.FixedPointIteration(rtol=1e-12), contraction=0.85)
+    >>> bool(np.allclose(sol.value, np.cos(sol.value))), sol.error_bound < 1e-10
+    (True, True)
+    """
+    solver = check_solver(solver)
+    xp = namespace_of(h0, "h0")
+    mu = check_contraction(contraction)
+    op = CheckedCallback(f, "f", h0, xp)
+    limits = solver.limits(xp, h0.dtype)
+    m = None if mu is None else solver.step_contraction(mu)
+    root_eps = math.sqrt(eps(xp, h0.dtype))
+    hnorm = norm(xp, h0)
+    if not math.isfinite(hnorm) or size(h0) == 0:
+        # A non-finite start (NONFINITE, zeros) or an empty state, its own fixed point.
+        finite = math.isfinite(hnorm)
+        outcome = Outcome(
+            value=xp.asarray(h0, copy=True) if finite else xp.zeros_like(h0),
+            state=None,
+            status=Status.SUCCESS if finite else Status.NONFINITE,
+            history=[] if finite else [hnorm],
+            threshold=max(limits.rtol * hnorm, limits.atol) if limits.rtol is not None and finite else None,
+            note="an empty state: nothing to solve" if finite else "the starting point h0 is not finite (NaN or Inf)",
+        )
+        return finish(
+            outcome, name=solver.name, ratio_bound=m, error_bound=0.0 if mu is not None else None, throw=throw
+        )
+
+    ops = ops_for(xp)
+    outcome = iterate(
+        solver,
+        op,
+        solver.init(op, h0, ops),
+        ops=ops,
+        limits=limits,
+        scale=hnorm,
+        relative_to_iterate=True,
+        ratio_bound=m,
+        slack=root_eps * hnorm,
+        rel_slack=root_eps,
+    )
+    bound = None
+    if mu is not None and outcome.status is not Status.NONFINITE and outcome.last:
+        bound = solver.error_bound(xp, h0, mu, outcome.last, outcome.previous_scale)
+    if outcome.value is h0:
+        outcome.value = xp.asarray(h0, copy=True)
+    return finish(outcome, name=solver.name, ratio_bound=m, num_f_evals=op.calls, error_bound=bound, throw=throw)
+
+
+@dataclass(frozen=True, eq=False)
+class ImplicitGradient:
+    """What :func:`implicit_gradient` returns.
+
+    Attributes
+    ----------
+    value : array
+        The fixed point ``h*``.
+    gradient : object
+        ``(dF/dw)^T z``, whatever ``vjp_params`` returns.
+    forward : Solution
+        The forward solve.
+    backward : Solution
+        The backward solve.
+    """
+
+    value: Array
+    gradient: Any
+    forward: Solution
+    backward: Solution
+
+
+def implicit_gradient(
+    f: FixedPointMap,
+    h0: Array,
+    loss_grad: Array | Callable[[Array], Array],
+    *,
+    vjp_state: Callable[[Array, Array], Array],
+    vjp_params: Callable[[Array, Array], Any],
+    method: AdjointMethod,
+    jvp_state: Callable[[Array, Array], Array] | None = None,
+    solver: ForwardSolver | None = None,
+    contraction: float | None = None,
+    throw: bool = True,
+) -> ImplicitGradient:
+    r"""Fixed point, adjoint solve and parameter VJP in one call, from callbacks.
+
+    For simulators with hand-written derivatives: finds ``h* = F(h*)`` from
+    ``h0`` with ``solver``, evaluates ``g = loss_grad(h*)``, solves
+    :math:`(I - J^T) z = g` with ``method`` and returns
+    :math:`(\partial F/\partial w)^T z`, the gradient of the loss with respect
+    to the parameters ``w``.
+
+    Parameters
+    ----------
+    f : callable
+        ``h -> F(x, w, h)``.
+    h0 : array
+        Starting point of the forward solve.
+    loss_grad : array or callable
+        ``dL/dh*``, or ``h* -> dL/dh*``: an array of the library, shape,
+        dtype and device of ``h*`` (checked; nothing is broadcast or promoted).
+    vjp_state : callable
+        ``(h, v) -> (dF/dh at h)^T v``.
+    vjp_params : callable
+        ``(h, z) -> (dF/dw at h)^T z``; any return type.
+    method : adjoint method
+        The backward method: :class:`~rbp_core.Neumann`, :class:`~rbp_core.OriginalRBP`, ...
+    jvp_state : callable, optional
+        ``(h, v) -> (dF/dh at h) v``, for methods with ``needs_jvp``.
+    solver : forward solver, optional
+        The forward solver (default :class:`~rbp_core.FixedPointIteration()`).
+    contraction : float, optional
+        A Lipschitz bound ``mu < 1`` of ``F`` in ``h``; it bounds ``||J||_2``
+        too, so it certifies both solves.
+    throw : bool
+        Raise :class:`~rbp_core.ConvergenceError` when either solve fails;
+        otherwise read the two Solutions.
+
+    Returns
+    -------
+    ImplicitGradient
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import rbp_core
+    >>> W = np.array([[0.3, -0.2], [0.1, 0.4]]); x = np.array([1.0, -1.0])
+    >>> f = lambda h: np.tanh(W @ h + x)          # F(x, W, h)
+    >>> def vjp_state(h, v):                      # (dF/dh)^T v
+    ...     return W.T @ ((1 - f(h) ** 2) * v)
+    >>> def vjp_params(h, z):                     # (dF/dW)^T z
+    ...     return np.outer((1 - f(h) ** 2) * z, h)
+    >>> res = rbp_core.implicit_gradient(
+    ...     f, np.zeros(2), lambda h: h, vjp_state=vjp_state, vjp_params=vjp_params,
+    ...     method=rbp_core.OriginalRBP(rtol=1e-10),
+    ... )
+    >>> res.gradient.shape, res.backward.converged
+    ((2, 2), True)
+    """
+    method = check_method(method)
+    if method.needs_jvp and jvp_state is None:
+        msg = f"{type(method).__name__} needs jvp_state, the callback (h, v) -> (dF/dh at h) v"
+        raise ValueError(msg)
+    fwd = fixed_point(f, h0, check_solver(solver), contraction=contraction, throw=throw)
+    h = fwd.value
+    g = loss_grad(h) if callable(loss_grad) else loss_grad
+    # Like h* in library, shape, dtype and device: a broadcastable or promotable g would give the
+    # gradient of another problem (or an error that blames the state).
+    same_kind(namespace_of(h, "h0"), g, h, "loss_grad(h*)" if callable(loss_grad) else "loss_grad")
+    jvp = None if jvp_state is None else (lambda v: jvp_state(h, v))
+    bwd = solve_adjoint(lambda v: vjp_state(h, v), g, method, jvp=jvp, contraction=contraction, throw=throw)
+    gradient = vjp_params(h, bwd.value)
+    return ImplicitGradient(value=h, gradient=gradient, forward=fwd, backward=bwd)

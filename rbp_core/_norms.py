@@ -1,0 +1,141 @@
+"""2-norms that never overflow or underflow for finite arrays, and the fast sums of squares.
+
+Everything here works on the core of the Array API standard only (no ``linalg``
+extension), so array-api-strict with extensions disabled passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from typing import Any
+
+import array_api_compat
+
+from ._floats import size
+from ._typing import Array, Namespace
+
+__all__ = ["norm", "norm_from_sq", "slow_norm", "sqnorm"]
+
+_WIDE: dict[tuple[int, Any], bool] = {}
+
+
+def _flat(xp: Namespace, x: Array) -> Array:
+    """``x`` as a 1-d array whose squares can be summed: half precisions widened to float32.
+
+    float16 squares leave its range below 2.4e-4 and above 256 (bfloat16 keeps float32's range
+    but only 8 bits), so their sums of squares are taken in float32, whose range holds every
+    square of a float16 value; the decision is cached per dtype, off the hot path's cost.
+    """
+    flat = x if x.ndim == 1 else xp.reshape(x, (-1,))
+    key = (id(xp), flat.dtype)  # keyed by library too: dtypes of two libraries must never be compared
+    wide = _WIDE.get(key)
+    if wide is None:
+        wide = _WIDE[key] = xp.finfo(flat.dtype).bits < 32
+    return xp.astype(flat, xp.float32) if wide else flat
+
+
+def sqnorm(xp: Namespace, x: Array) -> Array:
+    """Sum of squares over all elements, as a 0-d array (no device sync).
+
+    The inner product ``flat @ flat`` of the flattened array (``__matmul__`` of
+    two 1-d arrays is a 0-d array in the standard) reads ``x`` once, allocates
+    no state-sized temporary as ``sum(x * x)`` does, and runs no Python wrapper
+    code. This sits on every iteration's hot path, right after a VJP has evicted
+    the caches, where each avoided layer is measurable (benchmarks/bench_core.py).
+    Half-precision arrays are summed in float32 (:func:`_flat`).
+    """
+    flat = _flat(xp, x)
+    return flat @ flat
+
+
+def _quiet(xp: Namespace) -> contextlib.AbstractContextManager[Any]:
+    """Silence NumPy's floating-point warnings while :func:`norm` handles overflow itself.
+
+    NumPy is taken from ``sys.modules``: it is loaded already when its arrays (or
+    array-api-strict's, which wrap NumPy's) are here.
+    """
+    if array_api_compat.is_numpy_namespace(xp) or array_api_compat.is_array_api_strict_namespace(xp):
+        return sys.modules["numpy"].errstate(over="ignore", under="ignore", invalid="ignore")  # type: ignore[no-any-return]
+    return contextlib.nullcontext()
+
+
+def norm(xp: Namespace, x: Array) -> float:
+    """2-norm over all elements of ``x`` as a Python float: the one device sync.
+
+    The fast path squares and sums. When that overflows (finite entries whose
+    norm exceeds the square root of the dtype's largest value, about 1e154 in
+    float64 and 2e19 in float32) or underflows to zero for a non-zero array,
+    the norm is recomputed with scaling, so a finite array never reports an
+    infinite or zero norm. A non-finite array reports ``nan`` or ``inf``.
+
+    For the one-off norms of a solve's start and end. NumPy's floating-point
+    warnings are silenced for the sum of squares, whose overflow is handled
+    here; the solvers' per-iteration norms come from :func:`norm_from_sq`
+    instead, which spares the cost of ``numpy.errstate``.
+    """
+    flat = _flat(xp, x)
+    with _quiet(xp):
+        s = float(flat @ flat)
+    if 0.0 < s < math.inf:
+        return math.sqrt(s)
+    return slow_norm(xp, x, s)
+
+
+def norm_from_sq(xp: Namespace, s: float, x: Array, minus: Array | None = None) -> float:
+    """The 2-norm of ``x`` (of ``x - minus`` if given) from its sum of squares ``s``, a host float.
+
+    The arrays are used only when ``s`` is 0, infinite or NaN: :func:`slow_norm` then
+    decides, with scaling, between a true zero, an underflow, an overflow and a
+    non-finite array (``x - minus`` is formed only then).
+    """
+    if 0.0 < s < math.inf:
+        return math.sqrt(s)
+    return slow_norm(xp, x if minus is None else x - minus, s)
+
+
+def slow_norm(xp: Namespace, x: Array, s: float) -> float:
+    """The norm of ``x`` when its plain sum of squares ``s`` is 0, infinite or NaN.
+
+    Decides between a true zero (an empty array included), an underflow, an overflow (both
+    rescaled, see :func:`_scaled_norm`) and a non-finite array (``nan`` if ``s`` is NaN, else ``inf``).
+    """
+    if size(x) == 0:
+        return 0.0
+    with _quiet(xp):
+        if not bool(xp.all(xp.isfinite(x))):
+            return math.nan if math.isnan(s) else math.inf
+        return _scaled_norm(xp, x if x.ndim == 1 else xp.reshape(x, (-1,)))
+
+
+def _scaled_norm(xp: Namespace, flat: Array) -> float:
+    """The norm of a finite 1-d array whose plain sum of squares overflowed or underflowed.
+
+    Narrower dtypes are widened to float64, whose range holds every square of a
+    float32 (or float16) value. A float64 array is scaled by a power of two,
+    which is exact, so that its largest entry lies in [0.5, 1). Scaling never
+    divides by the array's (possibly subnormal) maximum: some backends divide by
+    multiplying with the reciprocal, which overflows for a subnormal divisor (as
+    PyTorch's CUDA kernels do).
+    """
+    if xp.finfo(flat.dtype).bits < 64:
+        wide = xp.astype(flat, xp.float64)
+        return math.sqrt(float(wide @ wide))
+    scale = float(xp.max(xp.abs(flat)))
+    if scale == 0.0:
+        return 0.0
+    e = math.frexp(scale)[1]  # scale = m 2^e with 0.5 <= m < 1
+    # Two exact steps where 2^-e alone is not a normal float64 (and could be flushed to zero).
+    y = flat
+    if e < -900:
+        y, shift = y * 2.0**600, e + 600
+    elif e > 900:
+        y, shift = y * 2.0**-600, e - 600
+    else:
+        shift = e
+    y = y * 2.0**-shift  # = flat * 2^-e
+    try:
+        return math.ldexp(math.sqrt(float(y @ y)), e)
+    except OverflowError:  # the norm itself exceeds the largest float64
+        return math.inf

@@ -1,0 +1,128 @@
+"""Vector operations named by their mathematics, and the registry through which adapters speed them up.
+
+A solver's ``step`` does its element-wise work and its reductions through a
+:class:`VectorOps`, never by converting an array to a Python number: squared
+norms and inner products come back as 0-d arrays on the arrays' device, and
+only the driver brings them to the host, once per iteration (:meth:`VectorOps.to_host`).
+
+:class:`VectorOps` writes each operation on the core Array API. An adapter that
+can do better for its library (one fused pass over memory for an update and its
+norm) registers a subclass with :func:`register_ops` when it is imported; the
+core never imports an adapter. A registered class decides per call whether it
+can handle the arrays (dtype, memory layout) and otherwise falls back to the
+generic code, so solvers never need to know.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import array_api_compat
+
+from ._norms import norm_from_sq
+from ._typing import Array, Namespace
+
+__all__ = ["VectorOps", "ops_for", "register_ops"]
+
+
+class VectorOps:
+    """The generic operations on the core Array API: no in-place writes, any library.
+
+    ``alpha`` may be a Python float or a 0-d array (a ratio of squared norms, still on the
+    device); a 0-d array of another dtype (half-precision sums of squares come in float32) is
+    cast to the vector's dtype, so that no update promotes the state.
+    """
+
+    def __init__(self, xp: Namespace) -> None:
+        self.xp = xp
+        self._wide: dict[object, bool] = {}  # per dtype: summed in float32 (half precisions)?
+        # Libraries whose arrays live in host memory: a 0-d array converts to a float with no
+        # transfer, and their scalar arithmetic warns on division by zero, so ratios are taken here.
+        self.on_host = array_api_compat.is_numpy_namespace(xp) or array_api_compat.is_array_api_strict_namespace(xp)
+
+    def sqnorm(self, x: Array) -> Array:
+        """``||x||^2`` over all elements, a 0-d array (half precisions summed in float32, as :func:`~rbp_core._norms.sqnorm`)."""
+        flat = x if x.ndim == 1 else self.xp.reshape(x, (-1,))
+        wide = self._wide.get(flat.dtype)
+        if wide is None:
+            wide = self._wide[flat.dtype] = self.xp.finfo(flat.dtype).bits < 32
+        if wide:
+            flat = self.xp.astype(flat, self.xp.float32)
+        return flat @ flat
+
+    def dot(self, x: Array, y: Array) -> Array:
+        """``<x, y>`` over all elements, a 0-d array."""
+        xp = self.xp
+        return xp.reshape(x, (-1,)) @ xp.reshape(y, (-1,))
+
+    def _scalar(self, alpha: Array | float, x: Array) -> Array | float:
+        if isinstance(alpha, float) or alpha.dtype == x.dtype:
+            return alpha
+        return self.xp.astype(alpha, x.dtype)
+
+    def axpy(self, alpha: Array | float, x: Array, y: Array) -> Array:
+        """``y + alpha x``."""
+        if isinstance(alpha, float) and alpha in (1.0, -1.0):
+            return y + x if alpha == 1.0 else y - x
+        return y + self._scalar(alpha, x) * x
+
+    def axpy_sqnorm(self, alpha: Array | float, x: Array, y: Array) -> tuple[Array, Array]:
+        """``(w, ||w||^2)`` with ``w = y + alpha x``."""
+        w = self.axpy(alpha, x, y)
+        return w, self.sqnorm(w)
+
+    def add_sqnorm(self, x: Array, y: Array) -> tuple[Array, Array]:
+        """``(y + x, ||x||^2)``: an accumulation and the size of what was added."""
+        return y + x, self.sqnorm(x)
+
+    def add_sqdist(self, x: Array, y: Array, c: Array) -> tuple[Array, Array]:
+        """``(w, ||w - c||^2)`` with ``w = x + y``: a new iterate and its squared distance from the old."""
+        w = x + y
+        return w, self.sqnorm(w - c)
+
+    def step_sqnorms(self, new: Array, old: Array) -> Sequence[Array]:
+        """``(||new - old||^2, ||new||^2)``: the size of a step and of where it arrived."""
+        return self.sqnorm(new - old), self.sqnorm(new)
+
+    def exact_norm(self, s: float, x: Array, minus: Array | None = None) -> float:
+        """The 2-norm of ``x`` (or ``x - minus``) from its sum of squares ``s``, rescaled where ``s`` is 0, inf or NaN."""
+        return norm_from_sq(self.xp, s, x, minus)
+
+    def ratio(self, a: Array, b: Array) -> Array | float:
+        """``a / b`` of two 0-d arrays; NaN (never a warning) when ``b`` is 0 or not finite."""
+        if self.on_host:
+            num, den = float(a), float(b)
+            return num / den if den != 0.0 and math.isfinite(den) else math.nan
+        return a / b
+
+    def to_host(self, values: Sequence[Array]) -> tuple[float, ...]:
+        """The 0-d arrays ``values`` as Python floats, in one device-to-host transfer."""
+        if self.on_host or len(values) == 1:
+            return tuple(float(v) for v in values)
+        stacked = self.xp.stack(tuple(values))
+        tolist = getattr(stacked, "tolist", None)  # torch and CuPy: one copy for all of them
+        return tuple(tolist()) if tolist is not None else tuple(float(v) for v in stacked)
+
+
+_REGISTRY: list[tuple[Callable[[Namespace], bool], Callable[[Namespace], VectorOps]]] = []
+_CACHE: dict[int, VectorOps] = {}
+
+
+def register_ops(applies: Callable[[Namespace], bool], factory: Callable[[Namespace], VectorOps]) -> None:
+    """Use ``factory(xp)`` for every namespace ``xp`` with ``applies(xp)``; the latest registration wins.
+
+    For adapters, at import time: ``rbp_core.backends.cupy`` registers its fused kernels this way.
+    """
+    _REGISTRY.append((applies, factory))
+    _CACHE.clear()
+
+
+def ops_for(xp: Namespace) -> VectorOps:
+    """The operations for namespace ``xp``: the latest registered ones that apply, else :class:`VectorOps`."""
+    ops = _CACHE.get(id(xp))
+    if ops is not None and ops.xp is xp:
+        return ops
+    ops = next((factory(xp) for applies, factory in reversed(_REGISTRY) if applies(xp)), None) or VectorOps(xp)
+    _CACHE[id(xp)] = ops
+    return ops

@@ -1,0 +1,1 @@
+"""One file per solver: frozen settings plus an ``init``/``step`` pair that the driver runs."""
