@@ -117,7 +117,9 @@ def fixed_point(
         bound = solver.error_bound(xp, h0, mu, outcome.last, outcome.previous_scale)
     if outcome.value is h0:
         outcome.value = xp.asarray(h0, copy=True)
-    return finish(outcome, name=solver.name, ratio_bound=m, num_f_evals=op.calls, error_bound=bound, throw=throw)
+    return finish(
+        outcome, name=solver.name, ratio_bound=m, contraction=mu, num_f_evals=op.calls, error_bound=bound, throw=throw
+    )
 
 
 @dataclass(frozen=True, eq=False)

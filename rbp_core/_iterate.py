@@ -224,6 +224,7 @@ def finish(
     *,
     name: str,
     ratio_bound: float | None,
+    contraction: float | None = None,
     num_vjp: int = 0,
     num_jvp: int = 0,
     num_f_evals: int = 0,
@@ -232,12 +233,18 @@ def finish(
     note: str = "",
     throw: bool,
 ) -> Solution:
-    """The Solution of ``outcome`` in the caller's units; raise if it failed and ``throw`` is set."""
+    """The Solution of ``outcome`` in the caller's units; raise if it failed and ``throw`` is set.
+
+    ``ratio_bound`` is the constant the iteration was checked against; ``contraction`` the user's
+    claim it came from, when they differ (a damped forward step), for the message.
+    """
     if outcome.violated:
         if throw:
+            claim = ratio_bound if contraction is None else contraction
+            step = "" if claim == ratio_bound else f" (one step's constant for it is {ratio_bound:.6g})"
             msg = (
-                f"{name}: contraction={ratio_bound!r} is false: the iteration saw "
-                f"||J^T v|| / ||v|| = {outcome.observed_ratio:.6g} > {ratio_bound!r}, so no "
+                f"{name}: contraction={claim!r} is false: the iteration saw a ratio "
+                f"||J^T v|| / ||v|| = {outcome.observed_ratio:.6g} > {ratio_bound:.6g}{step}, so no "
                 f"error bound can be certified. Give a true upper bound on ||J||_2 or none."
             )
             raise ContractionViolation(msg)
@@ -252,7 +259,8 @@ def finish(
         num_jvp=num_jvp,
         residual_norms=tuple(r * unit for r in outcome.history),
         tolerance=None if outcome.threshold is None else outcome.threshold * unit,
-        error_bound=error_bound * unit if error_bound is not None and status is not Status.NONFINITE else None,
+        # A failed solve keeps its last finite iterate, which a finite bound still certifies.
+        error_bound=error_bound * unit if error_bound is not None and math.isfinite(error_bound) else None,
         note=note or outcome.note,
         num_f_evals=num_f_evals,
         contraction_violated=outcome.violated,

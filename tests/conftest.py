@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
+
+import rbp_core
 
 # A script for the wheel check of ``nox -s build`` (and test_packaging.py), not a test module.
 collect_ignore = ["packaging_check.py"]
@@ -67,10 +70,33 @@ class Backend:
             return x.detach().cpu().numpy().astype(np.float64)
         if self.name == "cupy":
             return x.get().astype(np.float64)
+        if self.name.startswith("array-api-strict"):
+            x = x.to_device(self.xp.Device("CPU_DEVICE"))  # from its second device too
         return np.asarray(x, dtype=np.float64)
 
     def dtype(self, name: str) -> Any:
         return getattr(self.xp, name)
+
+    @property
+    def other_device(self) -> Any:
+        """A device other than this backend's arrays' own, or None where the library has just one here.
+
+        array-api-strict's second device runs every computation; torch's meta device holds no
+        values, so it serves as the wrong device of a callback's output, checked before any value is read.
+        """
+        if self.name.startswith("array-api-strict"):
+            return self.xp.Device("device1")
+        if self.name == "torch":
+            import torch
+
+            return torch.device("meta")
+        return None
+
+    def on(self, x: Any, device: Any) -> Any:
+        """``x`` moved to ``device``."""
+        import array_api_compat
+
+        return array_api_compat.to_device(x, device)
 
     def matrix_callbacks(self, J: np.ndarray, shape: tuple[int, ...], dtype: str) -> tuple[Callable[..., Any], ...]:
         """``vjp`` and ``jvp`` for the dense matrix ``J`` acting on the flattened state."""
@@ -205,3 +231,75 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
 @pytest.fixture(params=["float32", "float64"])
 def dtype(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+# --- Assertions on results ----------------------------------------------------------------------
+def assert_like(result: Any, reference: Any) -> None:
+    """``result`` is an array of ``reference``'s library (namespace), shape, dtype and device."""
+    import array_api_compat
+
+    assert array_api_compat.array_namespace(result) is array_api_compat.array_namespace(reference)
+    assert tuple(result.shape) == tuple(reference.shape)
+    assert result.dtype == reference.dtype
+    assert array_api_compat.device(result) == array_api_compat.device(reference)
+
+
+# --- Solver registries: a new solver joins every registry-driven test with one line here ---------
+def _neumann_steps(rtol: float, mu: float) -> int:
+    """Steps K with ``mu^(K+1) / (1 - mu) <= rtol``: the truncation error of the series, relative to ``||g||``."""
+    return max(0, math.ceil(math.log(rtol * (1.0 - mu)) / math.log(mu)) - 1) if mu > 0.0 else 0
+
+
+@dataclass(frozen=True)
+class SolverCase:
+    """How the tests build one solver: a fixed budget of ``k`` iterations, or a solve to ``rtol``.
+
+    ``converged(rtol, mu)`` reaches a relative residual ``rtol`` on problems with ``||J||_2 <= mu``;
+    ``contraction_only`` is False for methods that converge whenever ``I - J`` is invertible.
+    """
+
+    budget: Callable[[int], Any]
+    converged: Callable[[float, float], Any]
+    contraction_only: bool = True
+
+
+ADJOINT_METHODS: dict[str, SolverCase] = {
+    "neumann": SolverCase(
+        lambda k: rbp_core.Neumann(steps=k, divergence_factor=None),
+        lambda rtol, mu: rbp_core.Neumann(steps=_neumann_steps(rtol, mu), divergence_factor=None),
+    ),
+    "original": SolverCase(
+        lambda k: rbp_core.OriginalRBP(rtol=0.0, max_iter=k, divergence_factor=None),
+        lambda rtol, mu: rbp_core.OriginalRBP(rtol=rtol, max_iter=20_000),
+    ),
+    "cg": SolverCase(
+        lambda k: rbp_core.CGRBP(rtol=0.0, max_iter=k),
+        lambda rtol, mu: rbp_core.CGRBP(rtol=rtol, max_iter=20_000),
+        contraction_only=False,
+    ),
+}
+"""Every adjoint method, by name."""
+
+FORWARD_SOLVERS: dict[str, SolverCase] = {
+    "iteration": SolverCase(
+        lambda k: rbp_core.FixedPointIteration(rtol=0.0, max_iter=k, divergence_factor=None),
+        lambda rtol, mu: rbp_core.FixedPointIteration(rtol=rtol, max_iter=20_000),
+    ),
+    "damped": SolverCase(
+        lambda k: rbp_core.FixedPointIteration(rtol=0.0, max_iter=k, damping=0.7, divergence_factor=None),
+        lambda rtol, mu: rbp_core.FixedPointIteration(rtol=rtol, max_iter=20_000, damping=0.7),
+    ),
+}
+"""Every forward solver, by name (settings that change the iteration count as separate entries)."""
+
+
+@pytest.fixture(params=list(ADJOINT_METHODS))
+def adjoint(request: pytest.FixtureRequest) -> SolverCase:
+    """Each registered adjoint method in turn."""
+    return ADJOINT_METHODS[request.param]
+
+
+@pytest.fixture(params=list(FORWARD_SOLVERS))
+def forward(request: pytest.FixtureRequest) -> SolverCase:
+    """Each registered forward solver in turn."""
+    return FORWARD_SOLVERS[request.param]

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import rbp_core
+from conftest import ADJOINT_METHODS, FORWARD_SOLVERS
 from strategies import Problem, eps, problems
 
 MU = 0.6
@@ -72,21 +73,27 @@ def test_damped_fixed_point_bound_uses_damped_rate(backend) -> None:
     assert sol.error_bound == pytest.approx(true_error, rel=1e-6)
 
 
-@pytest.mark.parametrize("method", ["neumann", "original", "cg", "fixed_point"])
+@pytest.mark.parametrize("method", [*ADJOINT_METHODS, *(f"forward-{name}" for name in FORWARD_SOLVERS)])
 def test_false_contraction_is_refused_by_every_method(backend, method: str) -> None:
     J = np.array([[0.9, 0.0], [0.0, 0.1]])
     vjp, jvp = backend.matrix_callbacks(J, (2,), "float64")
     g = backend.asarray(np.ones(2))
-    run = {
-        "neumann": lambda **kw: rbp_core.neumann_rbp(vjp, g, steps=10, **kw),
-        "original": lambda **kw: rbp_core.original_rbp(vjp, g, **kw),
-        "cg": lambda **kw: rbp_core.cg_rbp(vjp, jvp, g, **kw),
-        "fixed_point": lambda **kw: rbp_core.fixed_point(lambda h: jvp(h) + g, g, **kw),
-    }[method]
+
+    def run(**kw):
+        if method.startswith("forward-"):
+            solver = FORWARD_SOLVERS[method.removeprefix("forward-")].converged(1e-8, 0.9)
+            return rbp_core.fixed_point(lambda h: jvp(h) + g, g, solver, **kw)
+        return rbp_core.solve_adjoint(vjp, g, ADJOINT_METHODS[method].converged(1e-8, 0.9), jvp=jvp, **kw)
+
     with pytest.raises(rbp_core.ContractionViolation, match=r"contraction=0\.5 is false"):
         run(contraction=0.5)
-    assert run(contraction=0.5, throw=False).error_bound is None
-    assert run(contraction=0.9).error_bound is not None
+    refused = run(contraction=0.5, throw=False)
+    assert refused.error_bound is None
+    assert refused.contraction_violated
+    assert "disproved" in refused.describe()
+    kept = run(contraction=0.9)
+    assert kept.error_bound is not None
+    assert not kept.contraction_violated
 
 
 def test_no_contraction_no_bound(backend) -> None:
@@ -126,7 +133,11 @@ def _ext_norm(x) -> EXT:
     return np.sqrt(np.sum(np.asarray(x, dtype=EXT) ** 2))
 
 
-@given(problem=problems(), steps=st.integers(0, 40), method=st.sampled_from(["neumann", "original", "cg", "fixed"]))
+@given(
+    problem=problems(),
+    steps=st.integers(1, 40),
+    method=st.sampled_from([*sorted(ADJOINT_METHODS), *(f"forward-{name}" for name in sorted(FORWARD_SOLVERS))]),
+)
 def test_true_error_never_exceeds_the_bound(backend, dtype, problem: Problem, steps: int, method: str) -> None:
     J, g = problem.build()
     J = J * (1 - 1e-9)  # ||J||_2 = mu exactly up to the rounding of the scaling: keep it strictly below
@@ -134,18 +145,18 @@ def test_true_error_never_exceeds_the_bound(backend, dtype, problem: Problem, st
     vjp = _exact_rounded(backend, J.T, shape, dtype)
     gb = backend.asarray(g, dtype)
     g_used = backend.to_numpy(gb).reshape(-1)  # g as rounded to dtype: the system being solved
-    tol = max(1e-6, 10 * n * eps(dtype) / (1 - mu))
-    if method == "neumann":
-        sol = rbp_core.neumann_rbp(vjp, gb, steps=steps, contraction=mu, divergence_factor=None)
-    elif method == "original":
-        sol = rbp_core.original_rbp(vjp, gb, rtol=tol, max_iter=5000, contraction=mu)
-    elif method == "cg":
-        jvp = _exact_rounded(backend, J, shape, dtype)
-        sol = rbp_core.cg_rbp(vjp, jvp, gb, rtol=tol, contraction=mu)
-    else:  # the forward solve of h = J h + g (F rounded once per element), whose bound is on h*
+    forward = method.startswith("forward-")
+    # Any number of steps: the bound holds whatever the iteration reached.
+    if forward:  # the forward solve of h = J h + g (F rounded once per element), whose bound is on h*
         F = _exact_rounded(backend, J, shape, dtype, shift=g_used)
-        sol = rbp_core.fixed_point(F, gb, rbp_core.FixedPointIteration(rtol=tol, max_iter=10_000), contraction=mu)
-    exact = _solve_ext(np.eye(n) - (J if method == "fixed" else J.T), g_used)
+        solver = FORWARD_SOLVERS[method.removeprefix("forward-")].budget(steps)
+        sol = rbp_core.fixed_point(F, gb, solver, contraction=mu, throw=False)
+    else:
+        jvp = _exact_rounded(backend, J, shape, dtype)
+        sol = rbp_core.solve_adjoint(
+            vjp, gb, ADJOINT_METHODS[method].budget(steps), jvp=jvp, contraction=mu, throw=False
+        )
+    exact = _solve_ext(np.eye(n) - (J if forward else J.T), g_used)
     true_error = _ext_norm(backend.to_numpy(sol.value).reshape(-1).astype(EXT) - exact)
     assert sol.error_bound is not None
     assert true_error <= sol.error_bound, (method, float(true_error), sol.error_bound)

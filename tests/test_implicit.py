@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import rbp_core
+from conftest import ADJOINT_METHODS
 
 
 def test_method_objects_are_frozen_and_validated() -> None:
@@ -28,10 +29,9 @@ def test_method_objects_are_frozen_and_validated() -> None:
     assert not rbp_core.Neumann(1).supports_warm_start
 
 
-@pytest.mark.parametrize(
-    "method", [rbp_core.Neumann(steps=80), rbp_core.OriginalRBP(rtol=1e-12), rbp_core.CGRBP(rtol=1e-12)]
-)
-def test_implicit_backward_matches_dense(backend, method) -> None:
+@pytest.mark.parametrize("name", list(ADJOINT_METHODS))
+def test_implicit_backward_matches_dense(backend, name) -> None:
+    method = ADJOINT_METHODS[name].converged(1e-12, 0.6)
     rng = np.random.default_rng(3)
     n, p = 6, 4
     J = 0.6 * rng.standard_normal((n, n)) / np.sqrt(n) / 2
@@ -120,11 +120,10 @@ def test_implicit_gradient_of_nonlinear_map_matches_finite_differences(backend) 
         assert res.backward.error_bound < 1e-9
 
 
-@pytest.mark.parametrize(
-    "method", [rbp_core.Neumann(steps=60), rbp_core.OriginalRBP(rtol=1e-12), rbp_core.CGRBP(rtol=1e-12)]
-)
-def test_scalar_state(backend, method) -> None:
+@pytest.mark.parametrize("name", list(ADJOINT_METHODS))
+def test_scalar_state(backend, name) -> None:
     """A 0-d state is a state like any other (a scalar iteration's gradient was zero in a peer)."""
+    method = ADJOINT_METHODS[name].converged(1e-12, 0.6)
     g = backend.asarray(np.asarray(2.0))
     grad, sol = rbp_core.implicit_backward(lambda v: 0.5 * v, lambda z: 3.0 * z, g, method, jvp_state=lambda v: 0.5 * v)
     assert sol.converged

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import rbp_core
+from conftest import ADJOINT_METHODS
 from rbp_core.backends.numpy import implicit_gradient as np_implicit_gradient
 from strategies import eps
 
@@ -140,7 +141,7 @@ def test_empty_states_are_solved_without_callbacks(backend, shape) -> None:
 
 
 # --- defect 7: a method class instead of an instance -----------------------------------------------
-@pytest.mark.parametrize("cls", [rbp_core.OriginalRBP, rbp_core.Neumann, rbp_core.CGRBP])
+@pytest.mark.parametrize("cls", sorted({type(case.budget(1)) for case in ADJOINT_METHODS.values()}, key=str))
 def test_method_class_is_refused_at_the_call(cls) -> None:
     g = np.ones(2)
     with pytest.raises(TypeError, match=rf"method must be an instance, not the class .*rbp_core\.{cls.__name__}\(\)"):
