@@ -135,10 +135,12 @@ def iterate(
     count = len(history)
     while status is None:
         state, x_new, sqs, vectors = step(problem, state, ops)
-        if relative_to_iterate:
-            vals = _norms(ops, sqs, vectors)
-            r = vals[0]
-            scale_prev, scale = scale, vals[1]
+        if relative_to_iterate:  # the step's norm and the new iterate's, in one transfer
+            d2, h2 = ops.to_host(sqs)
+            r = sqrt(d2) if 0.0 < d2 < inf else exact(d2, *vectors[0])
+            hn = sqrt(h2) if 0.0 < h2 < inf else exact(h2, *vectors[1])
+            vals = (r, hn)
+            scale_prev, scale = scale, hn
             if rtol is not None:
                 thr = max(rtol * scale, atol)
             if not scale < inf:
@@ -183,9 +185,11 @@ def iterate(
     if relative_to_iterate and rtol is not None:
         threshold = thr
 
+    stats = getattr(solver, "stats", None)
     return Outcome(
         value=x,
         state=state,
+        stats={} if stats is None else dict(stats(state)),
         status=status,
         history=history,
         threshold=threshold,

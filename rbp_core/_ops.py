@@ -36,7 +36,8 @@ class VectorOps:
 
     def __init__(self, xp: Namespace) -> None:
         self.xp = xp
-        self._wide: dict[object, bool] = {}  # per dtype: summed in float32 (half precisions)?
+        self._dtype: object = None  # the dtype last summed, and whether it is summed in float32
+        self._widen = False
         # Libraries whose arrays live in host memory: a 0-d array converts to a float with no
         # transfer, and their scalar arithmetic warns on division by zero, so ratios are taken here.
         self.on_host = array_api_compat.is_numpy_namespace(xp) or array_api_compat.is_array_api_strict_namespace(xp)
@@ -44,10 +45,9 @@ class VectorOps:
     def sqnorm(self, x: Array) -> Array:
         """``||x||^2`` over all elements, a 0-d array (half precisions summed in float32, as :func:`~rbp_core._norms.sqnorm`)."""
         flat = x if x.ndim == 1 else self.xp.reshape(x, (-1,))
-        wide = self._wide.get(flat.dtype)
-        if wide is None:
-            wide = self._wide[flat.dtype] = self.xp.finfo(flat.dtype).bits < 32
-        if wide:
+        if flat.dtype is not self._dtype:  # decided once per dtype: a solve keeps one
+            self._dtype, self._widen = flat.dtype, self.xp.finfo(flat.dtype).bits < 32
+        if self._widen:
             flat = self.xp.astype(flat, self.xp.float32)
         return flat @ flat
 
@@ -99,7 +99,7 @@ class VectorOps:
     def to_host(self, values: Sequence[Array]) -> tuple[float, ...]:
         """The 0-d arrays ``values`` as Python floats, in one device-to-host transfer."""
         if self.on_host or len(values) == 1:
-            return tuple(float(v) for v in values)
+            return tuple([float(v) for v in values])
         stacked = self.xp.stack(tuple(values))
         tolist = getattr(stacked, "tolist", None)  # torch and CuPy: one copy for all of them
         return tuple(tolist()) if tolist is not None else tuple(float(v) for v in stacked)

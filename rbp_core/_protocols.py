@@ -8,6 +8,13 @@ whose square roots the driver monitors (the first is the residual the tolerance 
 forward solver's second is the new iterate's own norm), and for each the array it is the norm of
 (or the pair whose difference it is), used only when the fast sum of squares was 0, inf or NaN.
 Neither method ever converts an array to a Python number.
+
+Optional members the driver reads when a solver has them: ``successive_images`` (each monitored
+norm is that of ``J^T`` (or the step map) applied to the previous vector, so their ratios are
+checked against a claimed contraction), ``start_is_iteration`` (see :class:`AdjointMethod`),
+``breakdown(problem, state)`` (asked when the residual grew or turned NaN: True means BREAKDOWN),
+``success_note(norms, reference)`` (words for :attr:`Solution.note` on success) and
+``stats(state)`` (solver-specific counts for :attr:`Solution.stats`).
 """
 
 from __future__ import annotations

@@ -148,3 +148,14 @@ def test_neumann_steps_of_the_registry_reach_the_tolerance() -> None:
     method = ADJOINT_METHODS["neumann"].converged(1e-8, 0.9)
     assert 0.9 ** (method.steps + 1) / (1 - 0.9) <= 1e-8 < 0.9**method.steps / (1 - 0.9)
     assert math.isfinite(method.steps)
+
+
+def test_every_solver_reports_its_memory_in_stats(adjoint, forward) -> None:
+    g = np.ones(4)
+    sol = rbp_core.solve_adjoint(lambda v: 0.5 * v, g, adjoint.budget(3), jvp=lambda v: 0.5 * v, throw=False)
+    fwd = rbp_core.fixed_point(lambda h: 0.5 * h + 1.0, g, forward.budget(3), throw=False)
+    for s in (sol, fwd):
+        assert isinstance(s.stats["memory_vectors"], int)
+        assert s.stats["memory_vectors"] >= 1
+        with pytest.raises(TypeError):
+            s.stats["memory_vectors"] = 0  # read-only

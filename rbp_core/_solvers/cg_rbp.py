@@ -96,6 +96,10 @@ class CGRBP:
         r, rho = ops.axpy_sqnorm(-alpha, q, r)
         return (z, r, p, gamma, jtp, q), z, (rho,), ((r, None),)
 
+    def stats(self, state: Any) -> dict[str, object]:  # noqa: ARG002 - part of the protocol
+        """``memory_vectors``: the state-sized arrays kept between steps (z, r, p, A p and J^T p)."""
+        return {"memory_vectors": 5}
+
     def breakdown(self, A: AdjointOperator, state: Any) -> bool:
         """Whether the last ``A p = p - J^T p`` vanished up to the rounding of that difference.
 

@@ -87,6 +87,10 @@ class FixedPointIteration:
         h_new = fh if beta == 1.0 else (1.0 - beta) * h + beta * fh
         return h_new, h_new, ops.step_sqnorms(h_new, h), ((h_new, h), (h_new, None))
 
+    def stats(self, state: Any) -> dict[str, object]:  # noqa: ARG002 - part of the protocol
+        """``memory_vectors``: the state-sized arrays kept between steps (the iterate)."""
+        return {"memory_vectors": 1}
+
     def step_contraction(self, mu: float) -> float:
         """``1 - damping + damping * mu``, the damped map's Lipschitz constant."""
         return 1.0 - self.damping + self.damping * mu

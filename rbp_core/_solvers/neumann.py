@@ -84,6 +84,10 @@ class Neumann:
         z, sq = ops.add_sqnorm(v, z)
         return (v, z), z, (sq,), ((v, None),)
 
+    def stats(self, state: Any) -> dict[str, object]:  # noqa: ARG002 - part of the protocol
+        """``memory_vectors``: the state-sized arrays kept between steps (the term and the partial sum)."""
+        return {"memory_vectors": 2}
+
     def success_note(self, norms: tuple[float, ...], reference: float) -> str:
         """How many terms were summed, and the size of the last relative to the first."""
         last = norms[-1] if norms else reference

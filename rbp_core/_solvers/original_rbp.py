@@ -81,3 +81,7 @@ class OriginalRBP:
         z, g = state
         z_new, sq = ops.add_sqdist(A.vjp(z), g, z)
         return (z_new, g), z_new, (sq,), ((z_new, z),)
+
+    def stats(self, state: Any) -> dict[str, object]:  # noqa: ARG002 - part of the protocol
+        """``memory_vectors``: the state-sized arrays kept between steps (the iterate; ``g`` is the caller's)."""
+        return {"memory_vectors": 1}
