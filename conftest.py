@@ -7,7 +7,7 @@ collect_ignore = [
     path
     for name, paths in {
         "torch": ("backends/torch.py", "docs/torch.md"),
-        "cupy": ("backends/cupy.py", "docs/cupy.md"),
+        "cupy": ("backends/cupy.py", "backends/_cupy_kernels.py", "docs/cupy.md"),
     }.items()
     if importlib.util.find_spec(name) is None
     for path in paths

@@ -46,15 +46,22 @@ numpydoc_xref_param_type = True
 
 # Words of the numpydoc type vocabulary. numpydoc's default aliases send several of them
 # to the Python and NumPy inventories, which an offline build does not have: map them to
-# themselves and leave them as plain text.
+# themselves and leave them as plain text. "adjoint method" and "forward solver", the types of
+# the solver arguments in words, are split at the space by numpydoc: their words are plain too.
 _DESCRIPTIVE_WORDS = {"array", "ndarray", "matrix", "callable", "object", "optional", "of", "or"}
+_DESCRIPTIVE_WORDS |= {"adjoint", "method", "forward", "solver"}
 _BUILTIN_TYPES = {"None", "bool", "int", "float", "str", "tuple", "list", "dict"}
 _PLAIN_TYPE_WORDS = _DESCRIPTIVE_WORDS | _BUILTIN_TYPES
 numpydoc_xref_aliases = {word: word for word in _PLAIN_TYPE_WORDS} | {
     "Solution": "rbp_core.Solution",
     "Status": "rbp_core.Status",
-    "BackwardMethod": "rbp_core.BackwardMethod",
+    "AdjointMethod": "rbp_core.AdjointMethod",
+    "ForwardSolver": "rbp_core.ForwardSolver",
     "FixedPointIteration": "rbp_core.FixedPointIteration",
+    "Neumann": "rbp_core.Neumann",
+    "OriginalRBP": "rbp_core.OriginalRBP",
+    "CGRBP": "rbp_core.CGRBP",
+    "VectorOps": "rbp_core.VectorOps",
     "ImplicitGradient": "rbp_core.ImplicitGradient",
     "Callbacks": "rbp_core.backends.numpy.Callbacks",
     "FixedPointInfo": "rbp_core.backends.torch.FixedPointInfo",
@@ -75,4 +82,6 @@ nitpick_ignore = [
     ("py:obj", "cupy.ndarray"),
     ("py:obj", "cupyx.scipy.sparse"),
     ("py:obj", "cupyx.scipy.sparse.linalg.LinearOperator"),
+    # A private helper that VectorOps.sqnorm's docstring names; the reference documents no private module.
+    ("py:func", "rbp_core._norms.sqnorm"),
 ]

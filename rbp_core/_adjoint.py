@@ -139,7 +139,11 @@ def solve_adjoint(
         if not finite:
             outcome.stats["nonfinite_input"] = True
         return finish(
-            outcome, name=method.name, ratio_bound=mu, error_bound=0.0 if mu is not None else None, throw=throw
+            outcome,
+            name=method.name,
+            ratio_bound=mu,
+            error_bound=0.0 if mu is not None and finite else None,
+            throw=throw,
         )
 
     ops = ops_for(xp)

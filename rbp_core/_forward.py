@@ -96,7 +96,11 @@ def fixed_point(
             note="an empty state: nothing to solve" if finite else "the starting point h0 is not finite (NaN or Inf)",
         )
         return finish(
-            outcome, name=solver.name, ratio_bound=m, error_bound=0.0 if mu is not None else None, throw=throw
+            outcome,
+            name=solver.name,
+            ratio_bound=m,
+            error_bound=0.0 if mu is not None and finite else None,
+            throw=throw,
         )
 
     ops = ops_for(xp)

@@ -22,7 +22,7 @@ def neumann_rbp(
     contraction: float | None = None,
     throw: bool = True,
 ) -> Solution:
-    """``solve_adjoint(vjp, g, Neumann(steps, divergence_factor), ...)``; see :class:`~rbp_core.Neumann`.
+    """``solve_adjoint(vjp, g, Neumann(steps, divergence_factor=divergence_factor), ...)``; see :class:`~rbp_core.Neumann`.
 
     Examples
     --------
@@ -31,7 +31,9 @@ def neumann_rbp(
     >>> rbp_core.neumann_rbp(lambda v: 0.5 * v, np.ones(2), steps=40).value
     array([2., 2.])
     """
-    return solve_adjoint(vjp, g, Neumann(steps, divergence_factor), contraction=contraction, throw=throw)
+    return solve_adjoint(
+        vjp, g, Neumann(steps, divergence_factor=divergence_factor), contraction=contraction, throw=throw
+    )
 
 
 def original_rbp(
@@ -46,7 +48,7 @@ def original_rbp(
     contraction: float | None = None,
     throw: bool = True,
 ) -> Solution:
-    """``solve_adjoint(vjp, g, OriginalRBP(rtol, atol, max_iter, divergence_factor), ...)``; see :class:`~rbp_core.OriginalRBP`.
+    """``solve_adjoint(vjp, g, OriginalRBP(rtol=..., ...), ...)``; see :class:`~rbp_core.OriginalRBP`.
 
     Examples
     --------
@@ -55,7 +57,7 @@ def original_rbp(
     >>> bool(rbp_core.original_rbp(lambda v: 0.5 * v, np.ones(2), rtol=1e-12).converged)
     True
     """
-    method = OriginalRBP(rtol, atol, max_iter, divergence_factor)
+    method = OriginalRBP(rtol=rtol, atol=atol, max_iter=max_iter, divergence_factor=divergence_factor)
     return solve_adjoint(vjp, g, method, z0=z0, contraction=contraction, throw=throw)
 
 
@@ -71,7 +73,7 @@ def cg_rbp(
     contraction: float | None = None,
     throw: bool = True,
 ) -> Solution:
-    """``solve_adjoint(vjp, g, CGRBP(rtol, atol, max_iter), jvp=jvp, ...)``; see :class:`~rbp_core.CGRBP`.
+    """``solve_adjoint(vjp, g, CGRBP(rtol=rtol, atol=atol, max_iter=max_iter), jvp=jvp, ...)``; see :class:`~rbp_core.CGRBP`.
 
     Examples
     --------
@@ -81,4 +83,6 @@ def cg_rbp(
     >>> sol.value  # (1 - 2) z = 1
     array([-1., -1.])
     """
-    return solve_adjoint(vjp, g, CGRBP(rtol, atol, max_iter), jvp=jvp, z0=z0, contraction=contraction, throw=throw)
+    return solve_adjoint(
+        vjp, g, CGRBP(rtol=rtol, atol=atol, max_iter=max_iter), jvp=jvp, z0=z0, contraction=contraction, throw=throw
+    )

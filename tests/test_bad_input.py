@@ -137,3 +137,11 @@ def test_neumann_series_into_the_subnormal_range(backend, dtype) -> None:
     assert sol.status is rbp_core.Status.SUCCESS
     assert all(np.isfinite(sol.residual_norms))
     np.testing.assert_allclose(backend.to_numpy(sol.value), np.full(3, 1 / 0.95), rtol=1e-6)
+
+
+def test_a_nonfinite_input_is_never_certified(backend) -> None:
+    bad = backend.asarray([1.0, np.nan])
+    sol = rbp_core.solve_adjoint(lambda v: 0.5 * v, bad, rbp_core.Neumann(steps=5), contraction=0.6, throw=False)
+    assert (sol.status, sol.error_bound) == (rbp_core.Status.NONFINITE, None)
+    fwd = rbp_core.fixed_point(lambda h: 0.5 * h, bad, contraction=0.6, throw=False)
+    assert (fwd.status, fwd.error_bound) == (rbp_core.Status.NONFINITE, None)

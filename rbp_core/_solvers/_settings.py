@@ -20,7 +20,7 @@ NEUMANN_DIVERGENCE_FACTOR = 10.0
 """The same test for a truncated Neumann series, which has no later iterations to recover in.
 
 Chosen on the Hopfield experiment (docs/method.md): it flags the epoch-144 series whose terms grew
-150-fold, with no false alarm on the 1430 solves before it.
+214-fold, with no false alarm on the 1430 solves before it.
 """
 
 

@@ -17,7 +17,7 @@ from ._settings import DEFAULT_MAX_ITER, resolve_rtol
 __all__ = ["CGRBP"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # settings by name: a positional value could land in the wrong one
 class CGRBP:
     r"""CG-RBP: solve :math:`(I - J^T) z = g` by conjugate gradient on the normal equations.
 

@@ -16,7 +16,7 @@ from ._settings import DEFAULT_DIVERGENCE_FACTOR, DEFAULT_MAX_ITER, resolve_rtol
 __all__ = ["FixedPointIteration"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # settings by name: a positional value could land in the wrong one
 class FixedPointIteration:
     r"""Iterate ``h <- (1 - damping) h + damping F(h)`` to a fixed point: the default forward solver.
 

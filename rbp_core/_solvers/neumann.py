@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, ClassVar
 
 from .._checks import check_divergence_factor, check_int
@@ -59,6 +59,7 @@ class Neumann:
     """
 
     steps: int
+    _: KW_ONLY  # the rest by name
     divergence_factor: float | None = NEUMANN_DIVERGENCE_FACTOR
     name: ClassVar[str] = "neumann_rbp"
     needs_jvp: ClassVar[bool] = False

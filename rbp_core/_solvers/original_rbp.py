@@ -15,7 +15,7 @@ from ._settings import DEFAULT_DIVERGENCE_FACTOR, DEFAULT_MAX_ITER, resolve_rtol
 __all__ = ["OriginalRBP"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # settings by name: a positional value could land in the wrong one
 class OriginalRBP:
     r"""Original RBP: solve :math:`(I - J^T) z = g` by iterating ``z_i = J^T z_{i-1} + g``.
 
