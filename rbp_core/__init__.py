@@ -19,6 +19,7 @@ from ._shortcuts import cg_rbp, neumann_rbp, original_rbp
 from ._solution import Solution, Status
 from ._solvers.cg_rbp import CGRBP
 from ._solvers.fixed_point_iteration import FixedPointIteration
+from ._solvers.gmres import GMRES
 from ._solvers.neumann import Neumann
 from ._solvers.original_rbp import OriginalRBP
 
@@ -26,6 +27,7 @@ __version__ = "0.2.0.dev0"
 
 __all__ = [
     "CGRBP",
+    "GMRES",
     "AdjointMethod",
     "BackwardFailureWarning",
     "ContractionViolation",

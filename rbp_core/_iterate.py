@@ -89,6 +89,14 @@ def iterate(
     state, x, first = start
     step: Callable[..., tuple[object, Array, Sequence[Array], Vectors]] = solver.step  # type: ignore[attr-defined]
     breakdown: Callable[[object, object], bool] | None = getattr(solver, "breakdown", None)
+    # Krylov methods turn the transferred values into their residual norm on the host, form their
+    # iterate only on request, and confirm a converged recurrence with the true residual.
+    host_update: Callable[[object, tuple[float, ...]], tuple[object, float]] | None = getattr(
+        solver, "host_update", None
+    )
+    solution: Callable[[object, object], Array] | None = getattr(solver, "solution", None)
+    confirm: Callable[[object, object, float], tuple[object, float]] | None = getattr(solver, "confirm", None)
+    kept = state
     successive = bool(getattr(solver, "successive_images", False)) and ratio_bound is not None
     rtol, factor, max_steps = limits.rtol, limits.divergence_factor, limits.max_steps
     atol = limits.atol / unit  # in the units of the solve
@@ -135,7 +143,9 @@ def iterate(
     count = len(history)
     while status is None:
         state, x_new, sqs, vectors = step(problem, state, ops)
-        if relative_to_iterate:  # the step's norm and the new iterate's, in one transfer
+        if host_update is not None:
+            state, r = host_update(state, ops.to_host(sqs))  # the one transfer of this iteration
+        elif relative_to_iterate:  # the step's norm and the new iterate's, in one transfer
             d2, h2 = ops.to_host(sqs)
             r = sqrt(d2) if 0.0 < d2 < inf else exact(d2, *vectors[0])
             hn = sqrt(h2) if 0.0 < h2 < inf else exact(h2, *vectors[1])
@@ -167,7 +177,16 @@ def iterate(
             if r > bound * prev_r * (1.0 + rel_slack) + slack:
                 violated = True
         prev_r = r
-        x = x_new
+        x, kept = x_new, state
+        if r <= thr and confirm is not None:
+            # A recurrence's residual can drift below the true one: the true residual decides, and
+            # the solver goes on (restarting from the iterate) when it is still above the threshold.
+            state, r = confirm(problem, state, thr)
+            kept = state
+            history[-1] = r
+            if not r < inf:
+                status = Status.NONFINITE
+                break
         if r <= thr:
             status = Status.SUCCESS
         elif r > fac * best:
@@ -185,6 +204,8 @@ def iterate(
     if relative_to_iterate and rtol is not None:
         threshold = thr
 
+    if solution is not None:  # an iterate formed on request, from the last state whose values were finite
+        x = solution(problem, kept)
     stats = getattr(solver, "stats", None)
     return Outcome(
         value=x,

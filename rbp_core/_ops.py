@@ -96,13 +96,21 @@ class VectorOps:
             return num / den if den != 0.0 and math.isfinite(den) else math.nan
         return a / b
 
-    def to_host(self, values: Sequence[Array]) -> tuple[float, ...]:
-        """The 0-d arrays ``values`` as Python floats, in one device-to-host transfer."""
-        if self.on_host or len(values) == 1:
+    def to_host(self, values: Sequence[Array] | Array) -> tuple[float, ...]:
+        """``values`` (0-d arrays, or one 1-d array) as Python floats, in one device-to-host transfer."""
+        stacked: Array
+        if getattr(values, "ndim", None) == 1:
+            stacked = values
+        elif self.on_host or len(values) == 1:
             return tuple([float(v) for v in values])
-        stacked = self.xp.stack(tuple(values))
+        else:
+            stacked = self.xp.stack(tuple(values))
+        if self.on_host:
+            return tuple([float(stacked[i]) for i in range(stacked.shape[0])])
         tolist = getattr(stacked, "tolist", None)  # torch and CuPy: one copy for all of them
-        return tuple(tolist()) if tolist is not None else tuple(float(v) for v in stacked)
+        if tolist is not None:
+            return tuple(tolist())
+        return tuple([float(stacked[i]) for i in range(stacked.shape[0])])
 
 
 _REGISTRY: list[tuple[Callable[[Namespace], bool], Callable[[Namespace], VectorOps]]] = []

@@ -277,6 +277,11 @@ ADJOINT_METHODS: dict[str, SolverCase] = {
         lambda rtol, mu: rbp_core.CGRBP(rtol=rtol, max_iter=20_000),
         contraction_only=False,
     ),
+    "gmres": SolverCase(
+        lambda k: rbp_core.GMRES(restart=4, rtol=0.0, max_iter=k),
+        lambda rtol, mu: rbp_core.GMRES(rtol=rtol, max_iter=20_000),
+        contraction_only=False,
+    ),
 }
 """Every adjoint method, by name."""
 

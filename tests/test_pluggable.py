@@ -263,6 +263,7 @@ def test_public_names() -> None:
             "ConvergenceError",
             "FixedPointIteration",
             "ForwardSolver",
+            "GMRES",
             "ImplicitGradient",
             "Neumann",
             "OriginalRBP",
