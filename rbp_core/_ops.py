@@ -52,9 +52,12 @@ class VectorOps:
         return flat @ flat
 
     def dot(self, x: Array, y: Array) -> Array:
-        """``<x, y>`` over all elements, a 0-d array."""
+        """``<x, y>`` over all elements, a 0-d array (half precisions summed in float32, as :meth:`sqnorm`)."""
         xp = self.xp
-        return xp.reshape(x, (-1,)) @ xp.reshape(y, (-1,))
+        a, b = xp.reshape(x, (-1,)), xp.reshape(y, (-1,))
+        if xp.finfo(a.dtype).bits < 32:
+            a, b = xp.astype(a, xp.float32), xp.astype(b, xp.float32)
+        return a @ b
 
     def _scalar(self, alpha: Array | float, x: Array) -> Array | float:
         if isinstance(alpha, float) or alpha.dtype == x.dtype:
@@ -95,6 +98,15 @@ class VectorOps:
             num, den = float(a), float(b)
             return num / den if den != 0.0 and math.isfinite(den) else math.nan
         return a / b
+
+    def ratio_or_zero(self, a: Array, b: Array) -> Array | float:
+        """``a / b`` of two 0-d arrays, 0 where ``b`` is 0 (a step that a zero vector makes unnecessary)."""
+        if self.on_host:
+            num, den = float(a), float(b)
+            return num / den if den != 0.0 else 0.0
+        xp = self.xp
+        nonzero = b != 0
+        return xp.where(nonzero, a / xp.where(nonzero, b, xp.ones_like(b)), xp.zeros_like(a))
 
     def to_host(self, values: Sequence[Array] | Array) -> tuple[float, ...]:
         """``values`` (0-d arrays, or one 1-d array) as Python floats, in one device-to-host transfer."""

@@ -18,7 +18,10 @@ class Status(enum.Enum):
     MAX_STEPS = "the maximum number of iterations was reached before the tolerance was met"
     DIVERGED = "the iteration diverged (its monitored norm grew past divergence_factor times its smallest value)"
     NONFINITE = "a non-finite value (NaN or Inf) appeared"
-    BREAKDOWN = "conjugate-gradient breakdown (zero curvature: I - J^T is singular on the search direction)"
+    BREAKDOWN = (
+        "breakdown: I - J^T annihilated a direction the method built (it is singular there, to rounding), "
+        "so the method cannot go on"
+    )
 
 
 @dataclass(frozen=True, eq=False)

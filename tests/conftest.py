@@ -282,6 +282,11 @@ ADJOINT_METHODS: dict[str, SolverCase] = {
         lambda rtol, mu: rbp_core.GMRES(rtol=rtol, max_iter=20_000),
         contraction_only=False,
     ),
+    "bicgstab": SolverCase(
+        lambda k: rbp_core.BiCGSTAB(rtol=0.0, max_iter=k),
+        lambda rtol, mu: rbp_core.BiCGSTAB(rtol=rtol, max_iter=20_000),
+        contraction_only=False,
+    ),
 }
 """Every adjoint method, by name."""
 

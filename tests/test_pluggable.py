@@ -258,6 +258,7 @@ def test_public_names() -> None:
         [
             "AdjointMethod",
             "BackwardFailureWarning",
+            "BiCGSTAB",
             "CGRBP",
             "ContractionViolation",
             "ConvergenceError",
