@@ -287,6 +287,10 @@ ADJOINT_METHODS: dict[str, SolverCase] = {
         lambda rtol, mu: rbp_core.BiCGSTAB(rtol=rtol, max_iter=20_000),
         contraction_only=False,
     ),
+    "anderson": SolverCase(
+        lambda k: rbp_core.AndersonRBP(rtol=0.0, max_iter=k, divergence_factor=None),
+        lambda rtol, mu: rbp_core.AndersonRBP(rtol=rtol, max_iter=20_000),
+    ),
 }
 """Every adjoint method, by name."""
 

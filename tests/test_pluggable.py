@@ -257,6 +257,7 @@ def test_public_names() -> None:
     assert sorted(rbp_core.__all__) == sorted(
         [
             "AdjointMethod",
+            "AndersonRBP",
             "BackwardFailureWarning",
             "BiCGSTAB",
             "CGRBP",

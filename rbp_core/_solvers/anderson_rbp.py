@@ -1,0 +1,190 @@
+"""Anderson-accelerated original RBP: z <- J^T z + g mixed over a memory of past iterates."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+import array_api_compat
+
+from .._checks import check_divergence_factor, check_int, check_nonnegative, check_optional_nonnegative
+from .._iterate import Limits
+from .._operator import AdjointOperator
+from .._ops import VectorOps
+from .._typing import Array, Namespace
+from ._settings import DEFAULT_DIVERGENCE_FACTOR, DEFAULT_MAX_ITER, resolve_rtol
+
+__all__ = ["AndersonRBP"]
+
+
+@dataclass(frozen=True)
+class _State:
+    """The iterate ``z`` to evaluate next, the differences of past residuals and images (rows, flat),
+    and the host's mixing coefficients ``gamma`` for the step after the last evaluated one."""
+
+    g: Array
+    z: Array  # the last evaluated iterate
+    f: Array  # its residual G(z) - z, flat
+    G: Array  # its image G(z), flat
+    df_rows: Array | None = None  # (k, n): differences of consecutive residuals, oldest first
+    dg_rows: Array | None = None  # (k, n): the same of images
+    gamma: tuple[float, ...] | None = None
+    resets: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)  # settings by name: a positional value could land in the wrong one
+class AndersonRBP:
+    r"""Original RBP accelerated by Anderson mixing: one VJP per iteration, ``2 memory + 3`` vectors.
+
+    Iterates the adjoint map ``G(z) = J^T z + g``, whose residual ``f = G(z) - z`` is the residual
+    ``g - (I - J^T) z`` of the adjoint equation, and takes as the next iterate
+    ``z + mixing * f - (dG - (1 - mixing) dF) gamma``, where ``dF`` and ``dG`` hold the differences
+    of the last ``memory`` residuals and images and ``gamma`` minimises
+    ``||f - dF gamma||^2 + lambda ||gamma||^2``. The Gram matrix ``dF dF^T`` and ``dF f`` come to
+    the host with the residual norm in one transfer, where the small system is solved. The
+    regularisation is relative, ``lambda = regularization * max(diag(dF dF^T))``, so it keeps the
+    same conditioning as the residuals shrink and tight tolerances stay reachable. A system the
+    host cannot solve (or a ``gamma`` that is not finite) clears the memory: the step is a plain
+    RBP step. Converges where original RBP does, usually far faster for ``rho(J)`` near 1.
+
+    Parameters
+    ----------
+    memory : int
+        ``m >= 1``: how many past differences the mixing uses.
+    mixing : float
+        ``beta`` in (0, 1]: 1 takes the mixed images, smaller values damp towards the iterates.
+    regularization : float
+        The relative Tikhonov factor (default 1e-10).
+    rtol : float, optional
+        Relative tolerance on ``||g - (I - J^T) z||``; default ``sqrt(eps)`` of ``g``'s dtype.
+    atol : float
+        Absolute floor of the stopping test (default 0).
+    max_iter : int
+        Iteration budget (>= 1).
+    divergence_factor : float or None
+        Status ``DIVERGED`` once the residual exceeds this factor times the smallest seen.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import rbp_core
+    >>> J = np.diag([0.99, 0.5, -0.9])
+    >>> sol = rbp_core.solve_adjoint(lambda v: J.T @ v, np.ones(3), rbp_core.AndersonRBP(rtol=1e-10))
+    >>> bool(np.allclose(sol.value, 1 / (1 - np.diag(J)))), sol.num_vjp < 20
+    (True, True)
+    """
+
+    memory: int = 5
+    mixing: float = 1.0
+    regularization: float = 1e-10
+    rtol: float | None = None
+    atol: float = 0.0
+    max_iter: int = DEFAULT_MAX_ITER
+    divergence_factor: float | None = DEFAULT_DIVERGENCE_FACTOR
+    name: ClassVar[str] = "anderson_rbp"
+    needs_jvp: ClassVar[bool] = False
+    supports_warm_start: ClassVar[bool] = True
+    successive_images: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        check_int(self.memory, "memory", 1)
+        beta = check_nonnegative(self.mixing, "mixing")
+        if not 0.0 < beta <= 1.0:
+            msg = f"mixing must lie in (0, 1], got {self.mixing!r}"
+            raise ValueError(msg)
+        check_nonnegative(self.regularization, "regularization")
+        check_optional_nonnegative(self.rtol, "rtol")
+        check_nonnegative(self.atol, "atol")
+        check_int(self.max_iter, "max_iter", 1)
+        check_divergence_factor(self.divergence_factor)
+
+    def limits(self, xp: Namespace, dtype: Any) -> Limits:
+        """``max_iter`` iterations to ``max(rtol ||g||, atol)``."""
+        return Limits(self.max_iter, resolve_rtol(self.rtol, xp, dtype), self.atol, self.divergence_factor)
+
+    def init(self, A: AdjointOperator, g: Array, z0: Array | None, ops: VectorOps) -> tuple[Any, Array, Any]:
+        """``z0`` (one VJP for its image) or 0 (whose image ``g`` is free); its residual is the reference."""
+        xp = ops.xp
+        flat_g = xp.reshape(g, (-1,))
+        if z0 is None:
+            z, G = xp.zeros_like(g), flat_g
+        else:
+            z, G = z0, xp.reshape(A.vjp(z0), (-1,)) + flat_g
+        f = G - xp.reshape(z, (-1,))
+        return _State(g=g, z=z, f=f, G=G), z, ((ops.sqnorm(f),), ((f, None),))
+
+    def step(self, A: AdjointOperator, st: _State, ops: VectorOps) -> tuple[_State, None, Array, tuple[()]]:
+        """Form the mixed iterate, evaluate ``G`` there (one VJP), extend the memory, transfer its Gram matrix."""
+        xp = ops.xp
+        shape = st.g.shape
+        flat_g = xp.reshape(st.g, (-1,))
+        # The next iterate: a plain step from the last, z + beta f, mixed with the memory's differences.
+        beta = self.mixing
+        z = st.G if beta == 1.0 else ops.axpy(beta, st.f, ops.axpy(-1.0, st.f, st.G))
+        if st.gamma is not None and st.df_rows is not None and st.dg_rows is not None:
+            gamma = xp.asarray(st.gamma, dtype=st.df_rows.dtype, device=array_api_compat.device(st.df_rows))
+            mix = st.dg_rows if beta == 1.0 else st.dg_rows - (1.0 - beta) * st.df_rows
+            z = z - gamma @ mix
+        G = xp.reshape(A.vjp(xp.reshape(z, shape)), (-1,)) + flat_g
+        f = G - z
+        new_f, new_g = xp.reshape(f - st.f, (1, -1)), xp.reshape(G - st.G, (1, -1))
+        df_rows, dg_rows = _push(xp, st.df_rows, new_f, self.memory), _push(xp, st.dg_rows, new_g, self.memory)
+        gram = xp.reshape(df_rows @ xp.permute_dims(df_rows, (1, 0)), (-1,))
+        parts = [xp.reshape(ops.sqnorm(f), (1,)), gram, df_rows @ f]
+        new = replace(st, z=xp.reshape(z, shape), f=f, G=G, df_rows=df_rows, dg_rows=dg_rows, gamma=None)
+        return new, None, xp.concat(parts), ()
+
+    def host_update(self, st: _State, values: tuple[float, ...]) -> tuple[_State, float]:
+        """Solve ``(dF dF^T + lambda I) gamma = dF f`` on the host; the residual norm is ``||f||``."""
+        residual = math.sqrt(values[0]) if values[0] > 0.0 else 0.0
+        k = 0 if st.df_rows is None else int(st.df_rows.shape[0])
+        if k == 0 or not math.isfinite(residual):
+            return st, residual
+        H = [list(values[1 + i * k : 1 + (i + 1) * k]) for i in range(k)]
+        b = list(values[1 + k * k : 1 + k * k + k])
+        lam = self.regularization * max(H[i][i] for i in range(k))
+        for i in range(k):
+            H[i][i] += lam
+        gamma = _solve(H, b)
+        if gamma is None:  # the memory says nothing usable: forget it, take a plain step
+            return replace(st, df_rows=None, dg_rows=None, gamma=None, resets=st.resets + 1), residual
+        return replace(st, gamma=tuple(gamma)), residual
+
+    def solution(self, A: AdjointOperator, st: _State) -> Array:  # noqa: ARG002 - part of the protocol
+        """The last evaluated iterate: the one whose residual was monitored."""
+        return st.z
+
+    def stats(self, st: _State) -> dict[str, object]:
+        """``memory_resets`` (unsolvable mixing systems) and ``memory_vectors``."""
+        return {"memory_resets": st.resets, "memory_vectors": 2 * self.memory + 3}
+
+
+def _push(xp: Namespace, rows: Array | None, row: Array, memory: int) -> Array:
+    """``rows`` with ``row`` appended, keeping the last ``memory`` rows."""
+    if rows is None or memory == 1:
+        return row
+    start = max(0, int(rows.shape[0]) - (memory - 1))  # the standard allows no out-of-range slice starts
+    return xp.concat([rows[start:, :], row], axis=0)
+
+
+def _solve(H: list[list[float]], b: list[float]) -> list[float] | None:
+    """``H x = b`` for a small symmetric positive semi-definite ``H`` (Cholesky); None if it is not positive definite."""
+    k = len(b)
+    L = [[0.0] * k for _ in range(k)]
+    for i in range(k):
+        for j in range(i + 1):
+            acc = H[i][j] - math.fsum(L[i][t] * L[j][t] for t in range(j))
+            if i == j:
+                if not acc > 0.0 or not math.isfinite(acc):
+                    return None
+                L[i][i] = math.sqrt(acc)
+            else:
+                L[i][j] = acc / L[j][j]
+    y = [0.0] * k
+    for i in range(k):
+        y[i] = (b[i] - math.fsum(L[i][t] * y[t] for t in range(i))) / L[i][i]
+    x = [0.0] * k
+    for i in reversed(range(k)):
+        x[i] = (y[i] - math.fsum(L[t][i] * x[t] for t in range(i + 1, k))) / L[i][i]
+    return x if all(math.isfinite(v) for v in x) else None
