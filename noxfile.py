@@ -99,14 +99,18 @@ def build(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks: solver overhead against bare VJP loops, then the PyTorch adapter against TBPTT, BPTT and peers.
+    """Benchmarks: solver overhead, the Krylov methods' products against SciPy, the PyTorch adapter and its peers.
 
-    ``nox -s bench -- ARGS`` passes ARGS to ``bench_core.py``; ``bench_torch.py`` runs with its defaults
-    (torch pinned by ``constraints.txt``; TorchDEQ and TorchOpt are the peers it compares with).
+    ``nox -s bench -- ARGS`` passes ARGS to ``bench_core.py``; ``bench_krylov.py``, ``bench_torch.py``
+    and ``bench_deq.py`` run with their defaults (torch pinned by ``constraints.txt``; TorchDEQ and
+    TorchOpt are the peers they compare with). One intra-op thread, as the timing scripts expect.
     """
     _install(session, "-e", ".", "numpy>=1.26", "scipy>=1.11", "torch", "torchdeq", "torchopt")
-    session.run("python", "benchmarks/bench_core.py", *session.posargs)
-    session.run("python", "benchmarks/bench_torch.py")
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    session.run("python", "benchmarks/bench_core.py", *session.posargs, env=env)
+    session.run("python", "benchmarks/bench_krylov.py", env=env)
+    session.run("python", "benchmarks/bench_torch.py", env=env)
+    session.run("python", "benchmarks/bench_deq.py", env=env)
 
 
 @nox.session

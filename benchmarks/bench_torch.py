@@ -776,16 +776,30 @@ class PeerProblem:
         return self.F(h, self.W, self.b)
 
 
-def make_peer_problem(batch: int, n: int, mu: float) -> PeerProblem:
+def make_peer_problem(
+    batch: int, n: int, mu: float, *, symmetric: bool = False, input_scale: float = 1.0
+) -> PeerProblem:
+    """``tanh(h W^T + b + x)`` with ``||W||_2 = mu`` (``symmetric``: spectral radius ``mu`` too).
+
+    ``input_scale`` multiplies ``b`` and ``x``: small inputs keep ``tanh`` near its linear range,
+    so that the Jacobian at the fixed point is close to ``W`` itself.
+    """
     gen = torch.Generator().manual_seed(SEED + 1)
     dt = torch.float64
-    W = scaled_matrix(n, mu, dt, gen).requires_grad_()
-    b = (0.1 * torch.randn(n, generator=gen, dtype=dt)).requires_grad_()
-    x = torch.randn(batch, n, generator=gen, dtype=dt)
+    W = scaled_matrix(n, mu, dt, gen)
+    if symmetric:
+        W = W + W.T
+        W = W * (mu / torch.linalg.matrix_norm(W, ord=2))
+    W = W.requires_grad_()
+    b = (0.1 * input_scale * torch.randn(n, generator=gen, dtype=dt)).requires_grad_()
+    x = input_scale * torch.randn(batch, n, generator=gen, dtype=dt)
     g = torch.randn(batch, n, generator=gen, dtype=dt)
     with torch.no_grad():
-        sol = rbp_core.FixedPointIteration(rtol=1e-12, max_iter=2000).solve(
-            lambda h: torch.tanh(h @ W.T + b + x), torch.zeros(batch, n, dtype=dt), contraction=mu
+        sol = rbp_core.fixed_point(
+            lambda h: torch.tanh(h @ W.T + b + x),
+            torch.zeros(batch, n, dtype=dt),
+            rbp_core.FixedPointIteration(rtol=1e-12, max_iter=50_000),
+            contraction=mu,
         )
     return PeerProblem(W=W, b=b, x=x, g=g, h_star=sol.value.detach(), mu=mu, forward_steps=sol.num_steps)
 
@@ -932,14 +946,14 @@ def rbp_peer(p: PeerProblem, method: Any, jvp: str = "double-backward") -> PeerS
     return PeerSetup(backward, products, lambda: info.backward[-1].num_vjp, details)
 
 
-def torchdeq_peer(p: PeerProblem, tol: float, max_iter: int) -> PeerSetup:
+def torchdeq_peer(p: PeerProblem, tol: float, max_iter: int, b_solver: str = "fixed_point_iter") -> PeerSetup:
     torchdeq = importlib.import_module("torchdeq")
     counter = LeafVJPCounter()
     deq = torchdeq.get_deq(
         core="indexing",
         ift=True,
         f_solver="fixed_point_iter",
-        b_solver="fixed_point_iter",
+        b_solver=b_solver,
         f_max_iter=100,
         f_tol=1e-12,
         f_stop_mode="rel",
@@ -990,7 +1004,9 @@ def torchopt_peer(p: PeerProblem, tol: float, max_iter: int, solver: str) -> Pee
 
     def root(h0: Tensor, W: Tensor, b: Tensor) -> Tensor:
         with torch.no_grad():
-            sol = rbp_core.FixedPointIteration(rtol=1e-12, max_iter=100).solve(lambda h: p.F(h, W, b), h0)
+            sol = rbp_core.fixed_point(
+                lambda h: p.F(h, W, b), h0, rbp_core.FixedPointIteration(rtol=1e-12, max_iter=100)
+            )
         value: Tensor = sol.value
         return value
 
@@ -1065,6 +1081,17 @@ def measure_peers(
         ),
     ]
 
+    return run_peers(specs, ref, repeats=repeats, min_sample=min_sample), check
+
+
+def run_peers(
+    specs: Sequence[tuple[str, str, Callable[[], PeerSetup]]],
+    ref: Sequence[Tensor],
+    *,
+    repeats: int,
+    min_sample: float,
+) -> list[PeerResult]:
+    """Each spec's backward checked against ``ref``, then all timed round-robin (rotating order, gc off)."""
     results: list[PeerResult] = []
     setups: list[tuple[PeerResult, PeerSetup, int]] = []
     for name, tol_text, make in specs:
@@ -1107,7 +1134,7 @@ def measure_peers(
     finally:
         if gc_was_enabled:
             gc.enable()
-    return results, check
+    return results
 
 
 def _time_call(fn: Callable[[], object]) -> float:
