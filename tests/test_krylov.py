@@ -153,3 +153,17 @@ def test_new_settings_are_validated() -> None:
         rbp_core.AndersonRBP(mixing=1.5)
     with pytest.raises(TypeError):
         rbp_core.GMRES(20)  # keyword-only settings
+
+
+@pytest.mark.parametrize(
+    "method", [rbp_core.GMRES(rtol=1e-3), rbp_core.BiCGSTAB(rtol=1e-3), rbp_core.AndersonRBP(rtol=1e-3)]
+)
+def test_half_precision_states_keep_their_dtype(backend, method) -> None:
+    if backend.name.startswith("array-api-strict"):
+        pytest.skip("array-api-strict has no float16")
+    J = np.array([[0.5, 0.2], [-0.1, 0.4]])
+    vjp, _ = backend.matrix_callbacks(J, (2,), "float16")
+    g = backend.asarray(np.array([1.0, -2.0]), "float16")
+    sol = rbp_core.solve_adjoint(vjp, g, method)
+    assert sol.value.dtype == g.dtype
+    np.testing.assert_allclose(backend.to_numpy(sol.value), np.linalg.solve(np.eye(2) - J.T, [1.0, -2.0]), rtol=1e-2)

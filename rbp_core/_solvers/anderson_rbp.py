@@ -130,8 +130,12 @@ class AndersonRBP:
         f = G - z
         new_f, new_g = xp.reshape(f - st.f, (1, -1)), xp.reshape(G - st.G, (1, -1))
         df_rows, dg_rows = _push(xp, st.df_rows, new_f, self.memory), _push(xp, st.dg_rows, new_g, self.memory)
+        sq = xp.reshape(ops.sqnorm(f), (1,))
         gram = xp.reshape(df_rows @ xp.permute_dims(df_rows, (1, 0)), (-1,))
-        parts = [xp.reshape(ops.sqnorm(f), (1,)), gram, df_rows @ f]
+        proj = df_rows @ f
+        if gram.dtype != sq.dtype:  # half precisions: the norm comes in float32, and one transfer needs one dtype
+            gram, proj = xp.astype(gram, sq.dtype), xp.astype(proj, sq.dtype)
+        parts = [sq, gram, proj]
         new = replace(st, z=xp.reshape(z, shape), f=f, G=G, df_rows=df_rows, dg_rows=dg_rows, gamma=None)
         return new, None, xp.concat(parts), ()
 
