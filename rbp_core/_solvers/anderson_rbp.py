@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
-
-import array_api_compat
 
 from .._checks import check_divergence_factor, check_int, check_nonnegative, check_optional_nonnegative
 from .._iterate import Limits
 from .._operator import AdjointOperator
 from .._ops import VectorOps
 from .._typing import Array, Namespace
+from ._mixing import Memory, coefficients, extend, mixed, transfer
 from ._settings import DEFAULT_DIVERGENCE_FACTOR, DEFAULT_MAX_ITER, resolve_rtol
 
 __all__ = ["AndersonRBP"]
@@ -20,16 +19,13 @@ __all__ = ["AndersonRBP"]
 
 @dataclass(frozen=True)
 class _State:
-    """The iterate ``z`` to evaluate next, the differences of past residuals and images (rows, flat),
-    and the host's mixing coefficients ``gamma`` for the step after the last evaluated one."""
+    """The last evaluated iterate ``z``, its residual ``f = G(z) - z`` and image ``G(z)`` (flat), and the memory."""
 
     g: Array
-    z: Array  # the last evaluated iterate
-    f: Array  # its residual G(z) - z, flat
-    G: Array  # its image G(z), flat
-    df_rows: Array | None = None  # (k, n): differences of consecutive residuals, oldest first
-    dg_rows: Array | None = None  # (k, n): the same of images
-    gamma: tuple[float, ...] | None = None
+    z: Array
+    f: Array
+    G: Array
+    mem: Memory = field(default_factory=Memory)
     resets: int = 0
 
 
@@ -118,42 +114,21 @@ class AndersonRBP:
         """Form the mixed iterate, evaluate ``G`` there (one VJP), extend the memory, transfer its Gram matrix."""
         xp = ops.xp
         shape = st.g.shape
-        flat_g = xp.reshape(st.g, (-1,))
-        # The next iterate: a plain step from the last, z + beta f, mixed with the memory's differences.
-        beta = self.mixing
-        z = st.G if beta == 1.0 else ops.axpy(beta, st.f, ops.axpy(-1.0, st.f, st.G))
-        if st.gamma is not None and st.df_rows is not None and st.dg_rows is not None:
-            gamma = xp.asarray(st.gamma, dtype=st.df_rows.dtype, device=array_api_compat.device(st.df_rows))
-            mix = st.dg_rows if beta == 1.0 else st.dg_rows - (1.0 - beta) * st.df_rows
-            z = z - gamma @ mix
-        G = xp.reshape(A.vjp(xp.reshape(z, shape)), (-1,)) + flat_g
+        z = mixed(ops, st.f, st.G, st.mem, self.mixing)
+        G = xp.reshape(A.vjp(xp.reshape(z, shape)), (-1,)) + xp.reshape(st.g, (-1,))
         f = G - z
-        new_f, new_g = xp.reshape(f - st.f, (1, -1)), xp.reshape(G - st.G, (1, -1))
-        df_rows, dg_rows = _push(xp, st.df_rows, new_f, self.memory), _push(xp, st.dg_rows, new_g, self.memory)
-        sq = xp.reshape(ops.sqnorm(f), (1,))
-        gram = xp.reshape(df_rows @ xp.permute_dims(df_rows, (1, 0)), (-1,))
-        proj = df_rows @ f
-        if gram.dtype != sq.dtype:  # half precisions: the norm comes in float32, and one transfer needs one dtype
-            gram, proj = xp.astype(gram, sq.dtype), xp.astype(proj, sq.dtype)
-        parts = [sq, gram, proj]
-        new = replace(st, z=xp.reshape(z, shape), f=f, G=G, df_rows=df_rows, dg_rows=dg_rows, gamma=None)
-        return new, None, xp.concat(parts), ()
+        mem = extend(xp, st.mem, f, G, st.f, st.G, self.memory)
+        return replace(st, z=xp.reshape(z, shape), f=f, G=G, mem=mem), None, transfer(ops, f, mem), ()
 
     def host_update(self, st: _State, values: tuple[float, ...]) -> tuple[_State, float]:
         """Solve ``(dF dF^T + lambda I) gamma = dF f`` on the host; the residual norm is ``||f||``."""
         residual = math.sqrt(values[0]) if values[0] > 0.0 else 0.0
-        k = 0 if st.df_rows is None else int(st.df_rows.shape[0])
-        if k == 0 or not math.isfinite(residual):
+        if not math.isfinite(residual):
             return st, residual
-        H = [list(values[1 + i * k : 1 + (i + 1) * k]) for i in range(k)]
-        b = list(values[1 + k * k : 1 + k * k + k])
-        lam = self.regularization * max(H[i][i] for i in range(k))
-        for i in range(k):
-            H[i][i] += lam
-        gamma = _solve(H, b)
+        gamma = coefficients(values[1:], st.mem.size, self.regularization)
         if gamma is None:  # the memory says nothing usable: forget it, take a plain step
-            return replace(st, df_rows=None, dg_rows=None, gamma=None, resets=st.resets + 1), residual
-        return replace(st, gamma=tuple(gamma)), residual
+            return replace(st, mem=Memory(), resets=st.resets + 1), residual
+        return replace(st, mem=replace(st.mem, gamma=gamma)), residual
 
     def solution(self, A: AdjointOperator, st: _State) -> Array:  # noqa: ARG002 - part of the protocol
         """The last evaluated iterate: the one whose residual was monitored."""
@@ -162,33 +137,3 @@ class AndersonRBP:
     def stats(self, st: _State) -> dict[str, object]:
         """``memory_resets`` (unsolvable mixing systems) and ``memory_vectors``."""
         return {"memory_resets": st.resets, "memory_vectors": 2 * self.memory + 3}
-
-
-def _push(xp: Namespace, rows: Array | None, row: Array, memory: int) -> Array:
-    """``rows`` with ``row`` appended, keeping the last ``memory`` rows."""
-    if rows is None or memory == 1:
-        return row
-    start = max(0, int(rows.shape[0]) - (memory - 1))  # the standard allows no out-of-range slice starts
-    return xp.concat([rows[start:, :], row], axis=0)
-
-
-def _solve(H: list[list[float]], b: list[float]) -> list[float] | None:
-    """``H x = b`` for a small symmetric positive semi-definite ``H`` (Cholesky); None if it is not positive definite."""
-    k = len(b)
-    L = [[0.0] * k for _ in range(k)]
-    for i in range(k):
-        for j in range(i + 1):
-            acc = H[i][j] - math.fsum(L[i][t] * L[j][t] for t in range(j))
-            if i == j:
-                if not acc > 0.0 or not math.isfinite(acc):
-                    return None
-                L[i][i] = math.sqrt(acc)
-            else:
-                L[i][j] = acc / L[j][j]
-    y = [0.0] * k
-    for i in range(k):
-        y[i] = (b[i] - math.fsum(L[i][t] * y[t] for t in range(i))) / L[i][i]
-    x = [0.0] * k
-    for i in reversed(range(k)):
-        x[i] = (y[i] - math.fsum(L[t][i] * x[t] for t in range(i + 1, k))) / L[i][i]
-    return x if all(math.isfinite(v) for v in x) else None
