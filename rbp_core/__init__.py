@@ -17,6 +17,7 @@ from ._ops import VectorOps, register_ops
 from ._protocols import AdjointMethod, ForwardSolver
 from ._shortcuts import cg_rbp, neumann_rbp, original_rbp
 from ._solution import Solution, Status
+from ._solvers.anderson import Anderson
 from ._solvers.anderson_rbp import AndersonRBP
 from ._solvers.bicgstab import BiCGSTAB
 from ._solvers.cg_rbp import CGRBP
@@ -31,6 +32,7 @@ __all__ = [
     "CGRBP",
     "GMRES",
     "AdjointMethod",
+    "Anderson",
     "AndersonRBP",
     "BackwardFailureWarning",
     "BiCGSTAB",

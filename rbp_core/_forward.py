@@ -11,7 +11,7 @@ from ._adjoint import check_method, solve_adjoint
 from ._callbacks import CheckedCallback, namespace_of, same_kind
 from ._checks import check_contraction, check_instance
 from ._floats import eps, size
-from ._iterate import Outcome, finish, iterate
+from ._iterate import Outcome, check_ratio, finish, iterate
 from ._norms import norm
 from ._ops import ops_for
 from ._protocols import AdjointMethod, ForwardSolver
@@ -116,13 +116,24 @@ def fixed_point(
         slack=root_eps * hnorm,
         rel_slack=root_eps,
     )
+    pairs = getattr(solver, "lipschitz_pairs", None)
+    if mu is not None and pairs is not None:  # a solver whose steps are no single map reports its secants
+        slack = root_eps * max(hnorm, outcome.previous_scale)
+        for image, vector in pairs(outcome.state):
+            check_ratio(outcome, image, vector, mu, slack, root_eps)
     bound = None
     if mu is not None and outcome.status is not Status.NONFINITE and outcome.last:
-        bound = solver.error_bound(xp, h0, mu, outcome.last, outcome.previous_scale)
+        bound = solver.error_bound(xp, h0, mu, outcome.last, outcome.previous_scale, outcome.state)
     if outcome.value is h0:
         outcome.value = xp.asarray(h0, copy=True)
     return finish(
-        outcome, name=solver.name, ratio_bound=m, contraction=mu, num_f_evals=op.calls, error_bound=bound, throw=throw
+        outcome,
+        name=solver.name,
+        ratio_bound=mu if m is None else m,
+        contraction=mu,
+        num_f_evals=op.calls,
+        error_bound=bound,
+        throw=throw,
     )
 
 

@@ -15,6 +15,7 @@ import math
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ._errors import ContractionViolation, ConvergenceError
 from ._ops import VectorOps
@@ -91,9 +92,7 @@ def iterate(
     breakdown: Callable[[object, object], bool] | None = getattr(solver, "breakdown", None)
     # Krylov methods turn the transferred values into their residual norm on the host, form their
     # iterate only on request, and confirm a converged recurrence with the true residual.
-    host_update: Callable[[object, tuple[float, ...]], tuple[object, float]] | None = getattr(
-        solver, "host_update", None
-    )
+    host_update: Callable[[object, tuple[float, ...]], Any] | None = getattr(solver, "host_update", None)
     solution: Callable[[object, object], Array] | None = getattr(solver, "solution", None)
     confirm: Callable[[object, object, float], tuple[object, float]] | None = getattr(solver, "confirm", None)
     kept = state
@@ -143,8 +142,16 @@ def iterate(
     count = len(history)
     while status is None:
         state, x_new, sqs, vectors = step(problem, state, ops)
-        if host_update is not None:
-            state, r = host_update(state, ops.to_host(sqs))  # the one transfer of this iteration
+        if host_update is not None:  # the one transfer of this iteration, read by the solver
+            if relative_to_iterate:  # a forward solver also gives the scale of its relative test
+                state, r, hn = host_update(state, ops.to_host(sqs))
+                vals = (r, hn)
+                scale_prev, scale = scale, hn
+                if rtol is not None:
+                    thr = max(rtol * scale, atol)
+                slack = rel_slack * scale
+            else:
+                state, r = host_update(state, ops.to_host(sqs))
         elif relative_to_iterate:  # the step's norm and the new iterate's, in one transfer
             d2, h2 = ops.to_host(sqs)
             r = sqrt(d2) if 0.0 < d2 < inf else exact(d2, *vectors[0])
@@ -206,6 +213,9 @@ def iterate(
 
     if solution is not None:  # an iterate formed on request, from the last state whose values were finite
         x = solution(problem, kept)
+    final_note = getattr(solver, "final_note", None)
+    if final_note is not None and not note:
+        note = final_note(kept)
     stats = getattr(solver, "stats", None)
     return Outcome(
         value=x,

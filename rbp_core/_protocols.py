@@ -88,6 +88,8 @@ class ForwardSolver(Protocol):
         """The Lipschitz constant of one step when ``F``'s is ``mu``, or None."""
         ...
 
-    def error_bound(self, xp: Namespace, like: Array, mu: float, norms: tuple[float, ...], previous: float) -> float:
-        """A bound on the distance of the last iterate from ``h*``, from its monitored ``norms``."""
+    def error_bound(
+        self, xp: Namespace, like: Array, mu: float, norms: tuple[float, ...], previous: float, state: Any
+    ) -> float:
+        """A bound on the distance of the returned iterate from ``h*``, from the last ``norms`` or the final ``state``."""
         ...

@@ -303,6 +303,11 @@ FORWARD_SOLVERS: dict[str, SolverCase] = {
         lambda k: rbp_core.FixedPointIteration(rtol=0.0, max_iter=k, damping=0.7, divergence_factor=None),
         lambda rtol, mu: rbp_core.FixedPointIteration(rtol=rtol, max_iter=20_000, damping=0.7),
     ),
+    "anderson": SolverCase(
+        lambda k: rbp_core.Anderson(rtol=0.0, max_iter=k, divergence_factor=None),
+        lambda rtol, mu: rbp_core.Anderson(rtol=rtol, max_iter=20_000),
+        contraction_only=False,
+    ),
 }
 """Every forward solver, by name (settings that change the iteration count as separate entries)."""
 

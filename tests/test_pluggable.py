@@ -69,7 +69,7 @@ class Ishikawa:
     def step_contraction(self, mu: float) -> None:
         return None
 
-    def error_bound(self, xp, like, mu, norms, previous):  # pragma: no cover - no step contraction
+    def error_bound(self, xp, like, mu, norms, previous, state):  # pragma: no cover - no step contraction
         return math.inf
 
 
@@ -257,6 +257,7 @@ def test_public_names() -> None:
     assert sorted(rbp_core.__all__) == sorted(
         [
             "AdjointMethod",
+            "Anderson",
             "AndersonRBP",
             "BackwardFailureWarning",
             "BiCGSTAB",

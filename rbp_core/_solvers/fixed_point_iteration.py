@@ -95,7 +95,9 @@ class FixedPointIteration:
         """``1 - damping + damping * mu``, the damped map's Lipschitz constant."""
         return 1.0 - self.damping + self.damping * mu
 
-    def error_bound(self, xp: Namespace, like: Array, mu: float, norms: tuple[float, ...], previous: float) -> float:
+    def error_bound(
+        self, xp: Namespace, like: Array, mu: float, norms: tuple[float, ...], previous: float, state: Any
+    ) -> float:
         """A bound on ``||h_{t+1} - h*||`` from the last step that holds in floating point.
 
         With ``T(h) = (1 - beta) h + beta F(h)`` an ``m``-contraction and ``h_{t+1} = T(h_t) + e``,
@@ -103,8 +105,9 @@ class FixedPointIteration:
         for an element-wise map) and of the damped combination, ``||h_{t+1} - h*|| <= (m D + (1 + m) E)
         / (1 - m)`` for ``D`` the true step norm and ``E >= ||e||``. ``D`` is bounded from the computed
         norm of the computed difference; ``norms`` are the last step's and iterate's, ``previous`` the
-        norm of the iterate before.
+        norm of the iterate before (``state`` is not needed).
         """
+        del state
         dnorm, hnorm = norms
         beta, m = self.damping, self.step_contraction(mu)
         ep = eps(xp, like.dtype)

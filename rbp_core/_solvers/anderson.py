@@ -1,0 +1,228 @@
+"""Safeguarded type-II Anderson acceleration of the forward iteration h <- F(h)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+import array_api_compat
+
+from .._certificate import norm_slack
+from .._checks import check_divergence_factor, check_int, check_nonnegative, check_optional_nonnegative
+from .._floats import eps
+from .._iterate import Limits
+from .._ops import VectorOps
+from .._typing import Array, FixedPointMap, Namespace
+from ._mixing import Memory, coefficients, extend, mixed, transfer
+from ._settings import DEFAULT_DIVERGENCE_FACTOR, DEFAULT_MAX_ITER, resolve_rtol
+
+__all__ = ["Anderson"]
+
+
+@dataclass(frozen=True)
+class _State:
+    """The last evaluated iterate ``h``, ``f = F(h) - h`` and ``F(h)`` (flat), the memory, and the best so far."""
+
+    h0: Array
+    h: Array | None = None
+    f: Array | None = None
+    G: Array | None = None
+    mem: Memory = field(default_factory=Memory)
+    best: tuple[Array, Array, Array] | None = None  # (h, f, F(h)) of the smallest residual
+    best_residual: float = math.inf
+    best_scale: float = 0.0
+    best_iteration: int = 0
+    iteration: int = 0
+    reject: bool = False  # the next step is a plain step from the best iterate
+    fallback: bool = False  # the last evaluated step was that plain step: it is taken whatever its residual
+    rejections: int = 0
+    resets: int = 0
+    secants: tuple[tuple[float, float], ...] = ()  # (||F(h) - F(h')||, ||h - h'||) of consecutive evaluations
+
+
+@dataclass(frozen=True, kw_only=True)  # settings by name: a positional value could land in the wrong one
+class Anderson:
+    r"""Safeguarded type-II Anderson acceleration of ``h <- F(h)``: one call of ``f`` per iteration.
+
+    Each iteration evaluates ``F`` at ``h + beta f - (dG - (1 - beta) dF) gamma``, where
+    ``f = F(h) - h``, ``dF`` and ``dG`` hold the differences of the last ``memory`` residuals and
+    images, and ``gamma`` minimises ``||f - dF gamma||^2 + lambda ||gamma||^2`` with
+    ``lambda = regularization * max(diag(dF dF^T))``: relative to the residuals' scale, so the
+    method keeps its conditioning as they shrink and reaches tight tolerances (a fixed ridge, as in
+    TorchDEQ, swamps small residuals). The Gram matrix reaches the host with the two norms of the
+    stopping test in one transfer. Safeguards: a step whose residual exceeds ``safeguard`` times the
+    smallest so far is rejected, the memory restarts, and the next step is the plain step from the
+    best iterate, taken whatever its residual (the method falls back to plain iteration there); a
+    Gram matrix the host cannot factor restarts the memory too. The Solution holds
+    the iterate with the smallest residual (``stats["best_iteration"]``; the note says when that is
+    not the last).
+
+    Stops when ``||F(h) - h|| <= max(rtol ||F(h)||, atol)``. Memory: ``2 memory + 6`` state-sized
+    arrays. Its step mixes with coefficients solved on the host, so it cannot be unrolled under
+    autograd (``differentiable_step`` is False: the torch adapter's BPTT and TBPTT refuse it; use an
+    implicit backward method). With a ``contraction`` bound ``mu`` of ``F`` the certificate is
+    ``||F(h) - h|| / (1 - mu)`` with allowances for rounding, for the returned iterate.
+
+    Parameters
+    ----------
+    memory : int
+        ``m >= 1``: how many past differences the mixing uses (default 10).
+    mixing : float
+        ``beta`` in (0, 1]: 1 takes the mixed images, smaller values damp towards the iterates.
+    regularization : float
+        The relative Tikhonov factor (default 1e-10).
+    safeguard : float
+        A step whose residual exceeds this factor (> 1) times the smallest so far is rejected.
+    rtol : float, optional
+        Relative tolerance; default ``sqrt(eps)`` of ``h0``'s dtype.
+    atol : float
+        Absolute floor of the stopping test (default 0).
+    max_iter : int
+        Budget of calls of ``f`` (>= 1).
+    divergence_factor : float or None
+        Status ``DIVERGED`` once the residual exceeds this factor times the smallest seen.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import rbp_core
+    >>> A = np.array([[0.0, 1.5], [-1.5, 0.0]])  # spectral radius 1.5: plain iteration diverges
+    >>> sol = rbp_core.fixed_point(lambda h: A @ h + 1.0, np.zeros(2), rbp_core.Anderson(rtol=1e-12))
+    >>> bool(np.allclose(sol.value, np.linalg.solve(np.eye(2) - A, np.ones(2))))
+    True
+    """
+
+    memory: int = 10
+    mixing: float = 1.0
+    regularization: float = 1e-10
+    safeguard: float = 10.0
+    rtol: float | None = None
+    atol: float = 0.0
+    max_iter: int = DEFAULT_MAX_ITER
+    divergence_factor: float | None = DEFAULT_DIVERGENCE_FACTOR
+    name: ClassVar[str] = "anderson"
+    differentiable_step: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        check_int(self.memory, "memory", 1)
+        beta = check_nonnegative(self.mixing, "mixing")
+        if not 0.0 < beta <= 1.0:
+            msg = f"mixing must lie in (0, 1], got {self.mixing!r}"
+            raise ValueError(msg)
+        check_nonnegative(self.regularization, "regularization")
+        if not check_nonnegative(self.safeguard, "safeguard") > 1.0:
+            msg = f"safeguard must be > 1, got {self.safeguard!r}"
+            raise ValueError(msg)
+        check_optional_nonnegative(self.rtol, "rtol")
+        check_nonnegative(self.atol, "atol")
+        check_int(self.max_iter, "max_iter", 1)
+        check_divergence_factor(self.divergence_factor)
+
+    def limits(self, xp: Namespace, dtype: Any) -> Limits:
+        """``max_iter`` calls of ``f`` to ``max(rtol ||F(h)||, atol)``."""
+        return Limits(self.max_iter, resolve_rtol(self.rtol, xp, dtype), self.atol, self.divergence_factor)
+
+    def init(self, f: FixedPointMap, h0: Array, ops: VectorOps) -> tuple[Any, Array, Any]:  # noqa: ARG002
+        """Nothing evaluated yet: the first step evaluates ``F(h0)``."""
+        return _State(h0=h0), h0, None
+
+    def step(self, f: FixedPointMap, st: _State, ops: VectorOps) -> tuple[_State, None, Array, tuple[()]]:
+        """Evaluate ``F`` at the next iterate (plain, mixed, or from the best after a rejection)."""
+        xp = ops.xp
+        shape = st.h0.shape
+        if st.f is None or st.G is None:
+            h = xp.reshape(st.h0, (-1,))
+        elif st.reject and st.best is not None:
+            h = st.best[2]  # the plain step from the best iterate
+        else:
+            h = mixed(ops, st.f, st.G, st.mem, self.mixing)
+        G = xp.reshape(f(xp.reshape(h, shape)), (-1,))
+        r = G - h
+        if st.f is None or st.G is None or st.h is None:
+            mem, previous = Memory(), None
+        elif st.reject and st.best is not None:  # a restarted memory, its first difference from the best
+            mem, previous = extend(xp, Memory(), r, G, st.best[1], st.best[2], self.memory), (st.best[0], st.best[2])
+        else:
+            mem, previous = extend(xp, st.mem, r, G, st.f, st.G, self.memory), (st.h, st.G)
+        # A secant pair: ||F(h) - F(h')|| / ||h - h'|| is a lower bound on F's Lipschitz constant.
+        if previous is None:  # no pair yet: two zeros keep the transfer's layout
+            secant = [ops.sqnorm(r) * 0.0] * 2
+        else:
+            secant = [ops.sqnorm(G - previous[1]), ops.sqnorm(h - previous[0])]
+        fallback = st.reject and st.best is not None
+        new = replace(st, h=h, f=r, G=G, mem=mem, reject=False, fallback=fallback, iteration=st.iteration + 1)
+        return new, None, transfer(ops, r, mem, [ops.sqnorm(G), *secant]), ()
+
+    def host_update(self, st: _State, values: tuple[float, ...]) -> tuple[_State, float, float]:
+        """The residual and scale; the best iterate; a rejection, or the mixing coefficients."""
+        residual = math.sqrt(values[0]) if values[0] > 0.0 else 0.0
+        scale = math.sqrt(values[1]) if values[1] > 0.0 else 0.0
+        if not (math.isfinite(residual) and math.isfinite(scale)):
+            return st, math.nan, scale
+        if values[3] > 0.0:
+            st = replace(st, secants=(*st.secants, (math.sqrt(values[2]), math.sqrt(values[3]))))
+        if residual > self.safeguard * st.best_residual and not st.fallback:  # reject: restart from the best
+            return replace(st, reject=True, mem=Memory(), rejections=st.rejections + 1), residual, scale
+        if residual < st.best_residual:
+            st = replace(
+                st,
+                best=(st.h, st.f, st.G),
+                best_residual=residual,
+                best_scale=scale,
+                best_iteration=st.iteration,
+            )
+        gamma = coefficients(values[4:], st.mem.size, self.regularization)
+        if gamma is None and st.mem.size:
+            return replace(st, mem=Memory(), resets=st.resets + 1), residual, scale
+        return replace(st, mem=replace(st.mem, gamma=gamma)), residual, scale
+
+    def solution(self, f: FixedPointMap, st: _State) -> Array:  # noqa: ARG002 - part of the protocol
+        """The iterate with the smallest residual."""
+        if st.best is None:
+            return st.h0
+        return array_api_compat.array_namespace(st.h0).reshape(st.best[0], st.h0.shape)
+
+    def step_contraction(self, mu: float) -> None:  # noqa: ARG002 - part of the protocol
+        """None: one step is not a map with a known constant (the certificate is the residual's)."""
+        return
+
+    def error_bound(
+        self, xp: Namespace, like: Array, mu: float, norms: tuple[float, ...], previous: float, state: Any
+    ) -> float:
+        """``||h - h*|| <= ||F(h) - h|| / (1 - mu)`` for the returned ``h``, rounding included.
+
+        The computed residual norm is within the sum's rounding (``norm_slack``) of the computed
+        difference's, which is within ``eps (||h|| + ||F(h)||)`` of the true one; ``F`` as evaluated
+        is taken as exact (one rounding per element is covered, as for the other solvers).
+        """
+        del norms, previous
+        r, s = float(state.best_residual), float(state.best_scale)
+        if not math.isfinite(r):
+            return math.inf
+        ep = eps(xp, like.dtype)
+        slack = norm_slack(xp, like)
+        rounding = 2.0 * ep * (2.0 * s + r)  # the difference's and F's own rounding, ||h|| <= ||F(h)|| + r
+        return (r * slack + rounding * slack) / (1.0 - mu) * (1.0 + 16 * 2.0**-53)
+
+    def lipschitz_pairs(self, st: _State) -> tuple[tuple[float, float], ...]:
+        """The secant pairs met, for the check of a claimed contraction."""
+        return st.secants
+
+    def final_note(self, st: _State) -> str:
+        """Says when the returned iterate is not the last one."""
+        if st.best is None or st.best_iteration == st.iteration:
+            return ""
+        return (
+            f"returned iteration {st.best_iteration} of {st.iteration}, the one with the smallest residual "
+            f"({st.best_residual:.3e})"
+        )
+
+    def stats(self, st: _State) -> dict[str, object]:
+        """``best_iteration``, ``rejected_steps``, ``memory_resets`` and ``memory_vectors``."""
+        return {
+            "best_iteration": st.best_iteration,
+            "rejected_steps": st.rejections,
+            "memory_resets": st.resets,
+            "memory_vectors": 2 * self.memory + 6,
+        }
