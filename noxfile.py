@@ -109,6 +109,7 @@ def bench(session: nox.Session) -> None:
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     session.run("python", "benchmarks/bench_core.py", *session.posargs, env=env)
     session.run("python", "benchmarks/bench_krylov.py", env=env)
+    session.run("python", "benchmarks/bench_forward.py", env=env)
     session.run("python", "benchmarks/bench_torch.py", env=env)
     session.run("python", "benchmarks/bench_deq.py", env=env)
 

@@ -62,6 +62,8 @@ numpydoc_xref_aliases = {word: word for word in _PLAIN_TYPE_WORDS} | {
     "OriginalRBP": "rbp_core.OriginalRBP",
     "CGRBP": "rbp_core.CGRBP",
     "GMRES": "rbp_core.GMRES",
+    "Anderson": "rbp_core.Anderson",
+    "Broyden": "rbp_core.Broyden",
     "BiCGSTAB": "rbp_core.BiCGSTAB",
     "AndersonRBP": "rbp_core.AndersonRBP",
     "VectorOps": "rbp_core.VectorOps",

@@ -20,6 +20,7 @@ from ._solution import Solution, Status
 from ._solvers.anderson import Anderson
 from ._solvers.anderson_rbp import AndersonRBP
 from ._solvers.bicgstab import BiCGSTAB
+from ._solvers.broyden import Broyden
 from ._solvers.cg_rbp import CGRBP
 from ._solvers.fixed_point_iteration import FixedPointIteration
 from ._solvers.gmres import GMRES
@@ -36,6 +37,7 @@ __all__ = [
     "AndersonRBP",
     "BackwardFailureWarning",
     "BiCGSTAB",
+    "Broyden",
     "ContractionViolation",
     "ConvergenceError",
     "FixedPointIteration",

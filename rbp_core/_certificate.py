@@ -19,13 +19,14 @@ element (a matrix-vector product rounds up to about ``n eps |J^T| |z|``; that er
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from ._floats import eps, size, sum_eps
 from ._norms import norm
 from ._typing import Array, Namespace
 
-__all__ = ["norm_slack", "residual_bound"]
+__all__ = ["fixed_point_residual_bound", "norm_slack", "residual_bound"]
 
 _HOST = 1.0 + 16 * 2.0**-53
 """Covers the rounding of the few float64 host operations that combine the norms."""
@@ -57,3 +58,18 @@ def residual_bound(
     check_ratio(jznorm, znorm)
     delta = 2.0 * eps(xp, g.dtype) * (gnorm + znorm + jznorm)
     return (rnorm + delta) * norm_slack(xp, g) * _HOST / (1.0 - mu)
+
+
+def fixed_point_residual_bound(xp: Namespace, like: Array, mu: float, residual: float, scale: float) -> float:
+    """``||h - h*|| <= ||F(h) - h|| / (1 - mu)`` for an ``mu``-contraction ``F``, rounding included.
+
+    ``residual`` is the computed norm of the computed ``F(h) - h`` and ``scale`` that of ``F(h)``: the
+    computed norm is within the sum's rounding (:func:`norm_slack`) of the computed difference's,
+    which is within ``eps (||h|| + ||F(h)||)`` of the true one, and ``||h|| <= ||F(h)|| + ||F(h) - h||``;
+    ``F`` as evaluated is taken as exact (one rounding per element of its result is covered).
+    """
+    if not math.isfinite(residual):
+        return math.inf
+    slack = norm_slack(xp, like)
+    rounding = 2.0 * eps(xp, like.dtype) * (2.0 * scale + residual)
+    return (residual + rounding) * slack / (1.0 - mu) * _HOST

@@ -308,6 +308,11 @@ FORWARD_SOLVERS: dict[str, SolverCase] = {
         lambda rtol, mu: rbp_core.Anderson(rtol=rtol, max_iter=20_000),
         contraction_only=False,
     ),
+    "broyden": SolverCase(
+        lambda k: rbp_core.Broyden(rtol=0.0, max_iter=k, divergence_factor=None),
+        lambda rtol, mu: rbp_core.Broyden(rtol=rtol, max_iter=20_000),
+        contraction_only=False,
+    ),
 }
 """Every forward solver, by name (settings that change the iteration count as separate entries)."""
 

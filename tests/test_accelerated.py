@@ -11,7 +11,7 @@ import pytest
 
 import rbp_core
 
-ACCELERATED = [rbp_core.Anderson(rtol=1e-12, max_iter=500)]
+ACCELERATED = [rbp_core.Anderson(rtol=1e-12, max_iter=500), rbp_core.Broyden(rtol=1e-12, max_iter=500)]
 
 
 @pytest.mark.parametrize("solver", ACCELERATED, ids=lambda s: s.name)

@@ -261,6 +261,7 @@ def test_public_names() -> None:
             "AndersonRBP",
             "BackwardFailureWarning",
             "BiCGSTAB",
+            "Broyden",
             "CGRBP",
             "ContractionViolation",
             "ConvergenceError",

@@ -8,9 +8,8 @@ from typing import Any, ClassVar
 
 import array_api_compat
 
-from .._certificate import norm_slack
+from .._certificate import fixed_point_residual_bound
 from .._checks import check_divergence_factor, check_int, check_nonnegative, check_optional_nonnegative
-from .._floats import eps
 from .._iterate import Limits
 from .._ops import VectorOps
 from .._typing import Array, FixedPointMap, Namespace
@@ -190,20 +189,9 @@ class Anderson:
     def error_bound(
         self, xp: Namespace, like: Array, mu: float, norms: tuple[float, ...], previous: float, state: Any
     ) -> float:
-        """``||h - h*|| <= ||F(h) - h|| / (1 - mu)`` for the returned ``h``, rounding included.
-
-        The computed residual norm is within the sum's rounding (``norm_slack``) of the computed
-        difference's, which is within ``eps (||h|| + ||F(h)||)`` of the true one; ``F`` as evaluated
-        is taken as exact (one rounding per element is covered, as for the other solvers).
-        """
+        """``||h - h*|| <= ||F(h) - h|| / (1 - mu)`` for the returned ``h``, rounding included."""
         del norms, previous
-        r, s = float(state.best_residual), float(state.best_scale)
-        if not math.isfinite(r):
-            return math.inf
-        ep = eps(xp, like.dtype)
-        slack = norm_slack(xp, like)
-        rounding = 2.0 * ep * (2.0 * s + r)  # the difference's and F's own rounding, ||h|| <= ||F(h)|| + r
-        return (r * slack + rounding * slack) / (1.0 - mu) * (1.0 + 16 * 2.0**-53)
+        return fixed_point_residual_bound(xp, like, mu, float(state.best_residual), float(state.best_scale))
 
     def lipschitz_pairs(self, st: _State) -> tuple[tuple[float, float], ...]:
         """The secant pairs met, for the check of a claimed contraction."""

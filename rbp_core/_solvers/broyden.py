@@ -1,0 +1,235 @@
+"""Limited-memory ("good") Broyden on g(h) = F(h) - h, with a safeguarded step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+import array_api_compat
+
+from .._certificate import fixed_point_residual_bound
+from .._checks import check_divergence_factor, check_int, check_nonnegative, check_optional_nonnegative
+from .._iterate import Limits
+from .._ops import VectorOps
+from .._typing import Array, FixedPointMap, Namespace
+from ._settings import DEFAULT_DIVERGENCE_FACTOR, DEFAULT_MAX_ITER, resolve_rtol
+
+__all__ = ["Broyden"]
+
+
+@dataclass(frozen=True)
+class _State:
+    """The accepted iterate ``x`` and ``g(x)`` (flat), the inverse-Jacobian factors, the step, the best.
+
+    The inverse of ``g``'s Jacobian is approximated by ``H = -I + U^T V`` (rows of ``U`` and ``V``).
+    ``pending`` is the accepted step's ``(dx, dg)``, applied to ``H`` at the start of the next step;
+    ``trial`` the last evaluated point ``(x, g(x))`` awaiting the host's verdict.
+    """
+
+    h0: Array
+    x: Array | None = None
+    g: Array | None = None
+    U: Array | None = None
+    V: Array | None = None
+    p: Array | None = None
+    alpha: float = 1.0
+    trial: tuple[Array, Array] | None = None
+    pending: tuple[Array, Array] | None = None
+    residual: float = math.inf
+    best: Array | None = None
+    best_residual: float = math.inf
+    best_scale: float = 0.0
+    best_iteration: int = 0
+    iteration: int = 0
+    backtracks: int = 0
+    restarts: int = 0
+    secants: tuple[tuple[float, float], ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)  # settings by name: a positional value could land in the wrong one
+class Broyden:
+    r"""Limited-memory good Broyden on ``g(h) = F(h) - h``: one call of ``f`` per iteration.
+
+    The inverse of ``g``'s Jacobian ``J - I`` is approximated by ``H = -I + sum_i u_i v_i^T``,
+    updated after each accepted step by the good-Broyden rank-one formula (so the first step is
+    the plain one, ``h + g(h) = F(h)``), and the step is ``p = -H g(h)``. At most ``memory``
+    updates are kept; a full memory restarts from ``H = -I``. All products with the factors run on
+    the device; the host receives the two norms of the stopping test and a secant pair in one
+    transfer. Safeguard: a step whose residual exceeds ``safeguard`` times the current one is not
+    taken; the step length halves (up to ``backtracks`` times, each one more call of ``f``), after
+    which the memory restarts and the plain step is taken. A zero curvature ``dx^T H dg`` skips the
+    update rather than dividing by it. The Solution holds the iterate with the smallest residual.
+
+    Stops when ``||F(h) - h|| <= max(rtol ||F(h)||, atol)``. Memory: ``2 memory + 6`` state-sized
+    arrays. Its step lengths are host decisions, so BPTT and TBPTT refuse it (use an implicit
+    backward method). With a ``contraction`` bound the certificate is the residual's, as for
+    :class:`Anderson`.
+
+    Parameters
+    ----------
+    memory : int
+        ``m >= 1`` rank-one updates kept (default 50).
+    safeguard : float
+        A step whose residual exceeds this factor (> 1) times the current one is shortened.
+    backtracks : int
+        How many halvings before the plain step (default 4).
+    rtol : float, optional
+        Relative tolerance; default ``sqrt(eps)`` of ``h0``'s dtype.
+    atol : float
+        Absolute floor of the stopping test (default 0).
+    max_iter : int
+        Budget of calls of ``f`` (>= 1).
+    divergence_factor : float or None
+        Status ``DIVERGED`` once the residual exceeds this factor times the smallest seen.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import rbp_core
+    >>> A = np.array([[0.0, 1.5], [-1.5, 0.0]])  # spectral radius 1.5: plain iteration diverges
+    >>> sol = rbp_core.fixed_point(lambda h: A @ h + 1.0, np.zeros(2), rbp_core.Broyden(rtol=1e-12))
+    >>> bool(np.allclose(sol.value, np.linalg.solve(np.eye(2) - A, np.ones(2))))
+    True
+    """
+
+    memory: int = 50
+    safeguard: float = 2.0
+    backtracks: int = 4
+    rtol: float | None = None
+    atol: float = 0.0
+    max_iter: int = DEFAULT_MAX_ITER
+    divergence_factor: float | None = DEFAULT_DIVERGENCE_FACTOR
+    name: ClassVar[str] = "broyden"
+    differentiable_step: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        check_int(self.memory, "memory", 1)
+        if not check_nonnegative(self.safeguard, "safeguard") > 1.0:
+            msg = f"safeguard must be > 1, got {self.safeguard!r}"
+            raise ValueError(msg)
+        check_int(self.backtracks, "backtracks", 0)
+        check_optional_nonnegative(self.rtol, "rtol")
+        check_nonnegative(self.atol, "atol")
+        check_int(self.max_iter, "max_iter", 1)
+        check_divergence_factor(self.divergence_factor)
+
+    def limits(self, xp: Namespace, dtype: Any) -> Limits:
+        """``max_iter`` calls of ``f`` to ``max(rtol ||F(h)||, atol)``."""
+        return Limits(self.max_iter, resolve_rtol(self.rtol, xp, dtype), self.atol, self.divergence_factor)
+
+    def init(self, f: FixedPointMap, h0: Array, ops: VectorOps) -> tuple[Any, Array, Any]:  # noqa: ARG002
+        """Nothing evaluated yet: the first step evaluates ``F(h0)``."""
+        return _State(h0=h0), h0, None
+
+    def step(self, f: FixedPointMap, st: _State, ops: VectorOps) -> tuple[_State, None, Array, tuple[()]]:
+        """Update ``H`` with the last accepted step, then evaluate ``F`` at ``x + alpha p``."""
+        xp = ops.xp
+        shape = st.h0.shape
+        if st.x is None or st.g is None:  # the first evaluation: F(h0)
+            x_new, U, V, p = xp.reshape(st.h0, (-1,)), None, None, None
+            secant = [ops.sqnorm(x_new) * 0.0] * 2
+        else:
+            U, V, p = st.U, st.V, st.p
+            if st.pending is not None:  # the good-Broyden update for the accepted step, then a new direction
+                dx, dg = st.pending
+                Hdg = _apply(U, V, dg)
+                denom = ops.dot(dx, Hdg)
+                inv = ops.ratio_or_zero(denom * 0.0 + 1.0, denom)  # 1 / dx^T H dg, or 0: no update
+                u_row = xp.reshape(ops.axpy(inv, dx - Hdg, xp.zeros_like(dx)), (1, -1))
+                v_row = xp.reshape(_apply(U, V, dx, transpose=True), (1, -1))
+                if U is None or V is None or int(U.shape[0]) >= self.memory:  # a full memory restarts
+                    U, V = u_row, v_row
+                else:
+                    U, V = xp.concat([U, u_row], axis=0), xp.concat([V, v_row], axis=0)
+                p = -_apply(U, V, st.g)
+            assert p is not None
+            x_new = ops.axpy(st.alpha, p, st.x)
+        G = xp.reshape(f(xp.reshape(x_new, shape)), (-1,))
+        g_new = G - x_new
+        if st.x is not None and st.g is not None:
+            secant = [ops.sqnorm((g_new + x_new) - (st.g + st.x)), ops.sqnorm(x_new - st.x)]
+        values = xp.concat([xp.reshape(v, (1,)) for v in (ops.sqnorm(g_new), ops.sqnorm(G), *secant)])
+        new = replace(st, U=U, V=V, p=p, pending=None, trial=(x_new, g_new), iteration=st.iteration + 1)
+        return new, None, values, ()
+
+    def host_update(self, st: _State, values: tuple[float, ...]) -> tuple[_State, float, float]:
+        """Accept the trial point, or halve the step (a safeguarded line search); track the best."""
+        residual = math.sqrt(values[0]) if values[0] > 0.0 else 0.0
+        scale = math.sqrt(values[1]) if values[1] > 0.0 else 0.0
+        if not (math.isfinite(residual) and math.isfinite(scale)) or st.trial is None:
+            return st, math.nan, scale
+        x_new, g_new = st.trial
+        first = st.x is None or st.g is None
+        if not first and residual > self.safeguard * st.residual:
+            if st.backtracks < self.backtracks:  # shorten the step, same direction, no update
+                return replace(st, alpha=0.5 * st.alpha, backtracks=st.backtracks + 1, trial=None), residual, scale
+            # Out of halvings: take the point, and restart the memory (the next step is the plain one).
+            st = replace(st, U=None, V=None, restarts=st.restarts + 1)
+            pending = None
+        else:
+            pending = None if first else (x_new - st.x, g_new - st.g)
+        secants = st.secants
+        if not first and values[3] > 0.0:
+            secants = (*secants, (math.sqrt(values[2]), math.sqrt(values[3])))
+        st = replace(
+            st,
+            x=x_new,
+            g=g_new,
+            pending=pending,
+            p=g_new if pending is None else st.p,
+            alpha=1.0,
+            backtracks=0,
+            trial=None,
+            residual=residual,
+            secants=secants,
+        )
+        if residual < st.best_residual:
+            st = replace(st, best=x_new, best_residual=residual, best_scale=scale, best_iteration=st.iteration)
+        return st, residual, scale
+
+    def solution(self, f: FixedPointMap, st: _State) -> Array:  # noqa: ARG002 - part of the protocol
+        """The iterate with the smallest residual."""
+        if st.best is None:
+            return st.h0
+        return array_api_compat.array_namespace(st.h0).reshape(st.best, st.h0.shape)
+
+    def step_contraction(self, mu: float) -> None:  # noqa: ARG002 - part of the protocol
+        """None: the certificate is the residual's."""
+        return
+
+    def error_bound(
+        self, xp: Namespace, like: Array, mu: float, norms: tuple[float, ...], previous: float, state: Any
+    ) -> float:
+        """``||h - h*|| <= ||F(h) - h|| / (1 - mu)`` for the returned ``h``, rounding included."""
+        del norms, previous
+        return fixed_point_residual_bound(xp, like, mu, float(state.best_residual), float(state.best_scale))
+
+    def lipschitz_pairs(self, st: _State) -> tuple[tuple[float, float], ...]:
+        """The secant pairs of accepted steps, for the check of a claimed contraction."""
+        return st.secants
+
+    def final_note(self, st: _State) -> str:
+        """Says when the returned iterate is not the last one."""
+        if st.best is None or st.best_iteration == st.iteration:
+            return ""
+        return (
+            f"returned iteration {st.best_iteration} of {st.iteration}, the one with the smallest residual "
+            f"({st.best_residual:.3e})"
+        )
+
+    def stats(self, st: _State) -> dict[str, object]:
+        """``best_iteration``, ``memory_restarts`` and ``memory_vectors``."""
+        return {
+            "best_iteration": st.best_iteration,
+            "memory_restarts": st.restarts,
+            "memory_vectors": 2 * self.memory + 6,
+        }
+
+
+def _apply(U: Array | None, V: Array | None, y: Array, *, transpose: bool = False) -> Array:
+    """``H y = -y + U^T (V y)`` (or ``H^T y = -y + V^T (U y)``), with ``H = -I`` before any update."""
+    if U is None or V is None:
+        return -y
+    left, right = (V, U) if transpose else (U, V)
+    return (right @ y) @ left - y
