@@ -13,7 +13,7 @@ from .._checks import check_divergence_factor, check_int, check_nonnegative, che
 from .._iterate import Limits
 from .._ops import VectorOps
 from .._typing import Array, FixedPointMap, Namespace
-from ._mixing import Memory, coefficients, extend, mixed, transfer
+from ._mixing import Memory, coefficients, extend, mixed, reset, transfer
 from ._settings import DEFAULT_DIVERGENCE_FACTOR, DEFAULT_MAX_ITER, resolve_rtol
 
 __all__ = ["Anderson"]
@@ -139,9 +139,10 @@ class Anderson:
         G = xp.reshape(f(xp.reshape(h, shape)), (-1,))
         r = G - h
         if st.f is None or st.G is None or st.h is None:
-            mem, previous = Memory(), None
+            mem, previous = st.mem, None
         elif st.reject and st.best is not None:  # a restarted memory, its first difference from the best
-            mem, previous = extend(xp, Memory(), r, G, st.best[1], st.best[2], self.memory), (st.best[0], st.best[2])
+            restarted = extend(xp, reset(st.mem), r, G, st.best[1], st.best[2], self.memory)
+            mem, previous = restarted, (st.best[0], st.best[2])
         else:
             mem, previous = extend(xp, st.mem, r, G, st.f, st.G, self.memory), (st.h, st.G)
         # A secant pair: ||F(h) - F(h')|| / ||h - h'|| is a lower bound on F's Lipschitz constant.
@@ -162,7 +163,7 @@ class Anderson:
         if values[3] > 0.0:
             st = replace(st, secants=(*st.secants, (math.sqrt(values[2]), math.sqrt(values[3]))))
         if residual > self.safeguard * st.best_residual and not st.fallback:  # reject: restart from the best
-            return replace(st, reject=True, mem=Memory(), rejections=st.rejections + 1), residual, scale
+            return replace(st, reject=True, mem=reset(st.mem), rejections=st.rejections + 1), residual, scale
         if residual < st.best_residual:
             st = replace(
                 st,
@@ -171,10 +172,10 @@ class Anderson:
                 best_scale=scale,
                 best_iteration=st.iteration,
             )
-        gamma = coefficients(values[4:], st.mem.size, self.regularization)
-        if gamma is None and st.mem.size:
-            return replace(st, mem=Memory(), resets=st.resets + 1), residual, scale
-        return replace(st, mem=replace(st.mem, gamma=gamma)), residual, scale
+        mem, gamma = coefficients(values[4:], st.mem, self.regularization)
+        if gamma is None and mem.size:
+            return replace(st, mem=reset(mem), resets=st.resets + 1), residual, scale
+        return replace(st, mem=replace(mem, gamma=gamma)), residual, scale
 
     def solution(self, f: FixedPointMap, st: _State) -> Array:  # noqa: ARG002 - part of the protocol
         """The iterate with the smallest residual."""

@@ -11,7 +11,7 @@ from .._iterate import Limits
 from .._operator import AdjointOperator
 from .._ops import VectorOps
 from .._typing import Array, Namespace
-from ._mixing import Memory, coefficients, extend, mixed, transfer
+from ._mixing import Memory, coefficients, extend, mixed, reset, transfer
 from ._settings import DEFAULT_DIVERGENCE_FACTOR, DEFAULT_MAX_ITER, resolve_rtol
 
 __all__ = ["AndersonRBP"]
@@ -125,10 +125,10 @@ class AndersonRBP:
         residual = math.sqrt(values[0]) if values[0] > 0.0 else 0.0
         if not math.isfinite(residual):
             return st, residual
-        gamma = coefficients(values[1:], st.mem.size, self.regularization)
+        mem, gamma = coefficients(values[1:], st.mem, self.regularization)
         if gamma is None:  # the memory says nothing usable: forget it, take a plain step
-            return replace(st, mem=Memory(), resets=st.resets + 1), residual
-        return replace(st, mem=replace(st.mem, gamma=gamma)), residual
+            return replace(st, mem=reset(mem), resets=st.resets + 1), residual
+        return replace(st, mem=replace(mem, gamma=gamma)), residual
 
     def solution(self, A: AdjointOperator, st: _State) -> Array:  # noqa: ARG002 - part of the protocol
         """The last evaluated iterate: the one whose residual was monitored."""
