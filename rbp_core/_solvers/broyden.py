@@ -30,8 +30,9 @@ class _State:
     h0: Array
     x: Array | None = None
     g: Array | None = None
-    U: Array | None = None
+    U: Array | None = None  # (memory, n) buffers, the first ``rank`` rows in use
     V: Array | None = None
+    rank: int = 0
     p: Array | None = None
     alpha: float = 1.0
     trial: tuple[Array, Array] | None = None
@@ -126,6 +127,7 @@ class Broyden:
         """Update ``H`` with the last accepted step, then evaluate ``F`` at ``x + alpha p``."""
         xp = ops.xp
         shape = st.h0.shape
+        rank = st.rank
         if st.x is None or st.g is None:  # the first evaluation: F(h0)
             x_new, U, V, p = xp.reshape(st.h0, (-1,)), None, None, None
             secant = [ops.sqnorm(x_new) * 0.0] * 2
@@ -133,16 +135,21 @@ class Broyden:
             U, V, p = st.U, st.V, st.p
             if st.pending is not None:  # the good-Broyden update for the accepted step, then a new direction
                 dx, dg = st.pending
-                Hdg = _apply(U, V, dg)
+                k = st.rank
+                Hdg = _apply(U, V, k, dg)
                 denom = ops.dot(dx, Hdg)
                 inv = ops.ratio_or_zero(denom * 0.0 + 1.0, denom)  # 1 / dx^T H dg, or 0: no update
-                u_row = xp.reshape(ops.axpy(inv, dx - Hdg, xp.zeros_like(dx)), (1, -1))
-                v_row = xp.reshape(_apply(U, V, dx, transpose=True), (1, -1))
-                if U is None or V is None or int(U.shape[0]) >= self.memory:  # a full memory restarts
-                    U, V = u_row, v_row
-                else:
-                    U, V = xp.concat([U, u_row], axis=0), xp.concat([V, v_row], axis=0)
-                p = -_apply(U, V, st.g)
+                u_row = ops.axpy(inv, dx - Hdg, xp.zeros_like(dx))
+                v_row = _apply(U, V, k, dx, transpose=True)
+                if U is None or V is None:  # the method's own buffers, written in place
+                    U = xp.zeros((self.memory, dx.shape[0]), dtype=dx.dtype, device=array_api_compat.device(dx))
+                    V = xp.zeros_like(U)
+                if k >= self.memory:  # a full memory restarts from H = -I and this update
+                    k = 0
+                U[k, :] = u_row
+                V[k, :] = v_row
+                rank = k + 1
+                p = -_apply(U, V, rank, st.g)
             assert p is not None
             x_new = ops.axpy(st.alpha, p, st.x)
         G = xp.reshape(f(xp.reshape(x_new, shape)), (-1,))
@@ -150,7 +157,7 @@ class Broyden:
         if st.x is not None and st.g is not None:
             secant = [ops.sqnorm((g_new + x_new) - (st.g + st.x)), ops.sqnorm(x_new - st.x)]
         values = xp.concat([xp.reshape(v, (1,)) for v in (ops.sqnorm(g_new), ops.sqnorm(G), *secant)])
-        new = replace(st, U=U, V=V, p=p, pending=None, trial=(x_new, g_new), iteration=st.iteration + 1)
+        new = replace(st, U=U, V=V, rank=rank, p=p, pending=None, trial=(x_new, g_new), iteration=st.iteration + 1)
         return new, None, values, ()
 
     def host_update(self, st: _State, values: tuple[float, ...]) -> tuple[_State, float, float]:
@@ -165,7 +172,7 @@ class Broyden:
             if st.backtracks < self.backtracks:  # shorten the step, same direction, no update
                 return replace(st, alpha=0.5 * st.alpha, backtracks=st.backtracks + 1, trial=None), residual, scale
             # Out of halvings: take the point, and restart the memory (the next step is the plain one).
-            st = replace(st, U=None, V=None, restarts=st.restarts + 1)
+            st = replace(st, rank=0, restarts=st.restarts + 1)
             pending = None
         else:
             pending = None if first else (x_new - st.x, g_new - st.g)
@@ -227,9 +234,9 @@ class Broyden:
         }
 
 
-def _apply(U: Array | None, V: Array | None, y: Array, *, transpose: bool = False) -> Array:
-    """``H y = -y + U^T (V y)`` (or ``H^T y = -y + V^T (U y)``), with ``H = -I`` before any update."""
-    if U is None or V is None:
+def _apply(U: Array | None, V: Array | None, k: int, y: Array, *, transpose: bool = False) -> Array:
+    """``H y = -y + U_k^T (V_k y)`` (or ``H^T y``) with the first ``k`` rows; ``H = -I`` before any update."""
+    if U is None or V is None or k == 0:
         return -y
-    left, right = (V, U) if transpose else (U, V)
+    left, right = (V[:k, :], U[:k, :]) if transpose else (U[:k, :], V[:k, :])
     return (right @ y) @ left - y
