@@ -70,9 +70,11 @@ class Broyden:
     Parameters
     ----------
     memory : int
-        ``m >= 1`` rank-one updates kept (default 50).
+        ``m >= 1`` rank-one updates kept (default 50; on the tanh layer of ``bench_forward.py`` 10
+        updates needed 139 calls of ``f`` to 1e-6 where 50 needed 81 and 200 needed 85).
     safeguard : float
-        A step whose residual exceeds this factor (> 1) times the current one is shortened.
+        A step whose residual exceeds this factor (> 1) times the current one is shortened
+        (default 10; 2 cost 100 calls to 1e-6 there instead of 81).
     backtracks : int
         How many halvings before the plain step (default 4).
     rtol : float, optional
@@ -95,7 +97,7 @@ class Broyden:
     """
 
     memory: int = 50
-    safeguard: float = 2.0
+    safeguard: float = 10.0
     backtracks: int = 4
     rtol: float | None = None
     atol: float = 0.0
