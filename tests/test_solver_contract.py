@@ -123,11 +123,17 @@ def test_forward_solution_matches_the_dense_solve(backend, dtype, problem: Probl
     exact = np.linalg.solve(np.eye(problem.n) - J, b.reshape(-1)).reshape(problem.shape)
     h = backend.to_numpy(sol.value)
     scale = float(np.linalg.norm(exact))
-    # The step test ||h_{t+1} - h_t|| <= rtol ||h_{t+1}|| bounds the error by m / (1 - m) times it.
-    damping = getattr(FORWARD_SOLVERS[name].converged(rtol, 0), "damping", 1.0)
-    m = 1 - damping + damping * problem.mu
-    step = rtol * float(np.linalg.norm(h))
-    bound = m / (1 - m) * step + rounding(problem.n, 1, dtype, scale) / (1 - m)
+    m = FORWARD_SOLVERS[name].converged(rtol, 0).step_contraction(problem.mu)
+    if m is not None:
+        # A step solver returns h_{t+1} = T(h_t): its test ||h_{t+1} - h_t|| <= rtol ||h_{t+1}|| bounds
+        # the error by m / (1 - m) times the step.
+        bound = m / (1 - m) * rtol * float(np.linalg.norm(h)) + rounding(problem.n, 1, dtype, scale) / (1 - m)
+    else:
+        # A solver that returns an evaluated iterate h: ||F(h) - h|| <= rtol ||F(h)|| bounds its error by
+        # 1 / (1 - mu) times the residual.
+        Fh = (J @ h.reshape(-1) + b.reshape(-1)).reshape(problem.shape)
+        mu = problem.mu
+        bound = rtol * float(np.linalg.norm(Fh)) / (1 - mu) + rounding(problem.n, 1, dtype, scale) / (1 - mu)
     assert float(np.linalg.norm(h - exact)) <= bound * (1 + 1e-6), (name, sol.describe())
 
 
