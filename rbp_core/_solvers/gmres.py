@@ -47,7 +47,7 @@ class GMRES:
 
     Each iteration extends an orthonormal basis of the Krylov space of ``A = I - J^T`` by one
     vector (classical Gram-Schmidt with one re-orthogonalisation: all inner products of a step
-    are one product with the basis, held as one ``(m + 1, n)`` array) and brings that step's
+    are one product with the basis, held as one ``(m + 1, n)`` array written in place) and brings that step's
     ``m + 2`` numbers to the host in one transfer, where Givens rotations update the small
     least-squares problem and its residual norm. After ``restart`` iterations the iterate is
     formed and a new cycle starts from its true residual (one more VJP); a residual that the
@@ -110,22 +110,27 @@ class GMRES:
             state = self._restart(A, state)
         extra: list[Array] = []
         V = state.V
+        j = len(state.columns)  # the basis holds rows 0..j
         if V is None:  # a new cycle: v_0 = r / ||r||, and ||r||^2 goes to the host with the column
             r = xp.reshape(state.r, (-1,))
             beta_sq = r @ r
-            V = xp.reshape(r / _safe_sqrt(xp, beta_sq), (1, -1))
+            # The cycle's own (restart + 1, n) basis, filled in place row by row (a fresh one per
+            # cycle, so a kept state's rows are never overwritten).
+            V = xp.zeros((self.restart + 1, r.shape[0]), dtype=r.dtype, device=array_api_compat.device(r))
+            V[0, :] = r / _safe_sqrt(xp, beta_sq)
             extra.append(xp.reshape(beta_sq, (1,)))
         shape = state.g.shape
-        w = xp.reshape(A.matvec(xp.reshape(V[-1, :], shape)), (-1,))
-        h = V @ w
-        w = w - h @ V
-        h2 = V @ w  # one re-orthogonalisation: classical Gram-Schmidt twice is as stable as modified
-        w = w - h2 @ V
+        basis = V[: j + 1, :]
+        w = xp.reshape(A.matvec(xp.reshape(V[j, :], shape)), (-1,))
+        h = basis @ w
+        w = w - h @ basis
+        h2 = basis @ w  # one re-orthogonalisation: classical Gram-Schmidt twice is as stable as modified
+        w = w - h2 @ basis
         h = h + h2
         hn_sq = w @ w
         # A lucky breakdown (w = 0: the solution lies in the basis) gives a zero vector, never a NaN;
         # the host sees ||w|| = 0 and the residual 0, so it is not used.
-        V = xp.concat([V, xp.reshape(w / _safe_sqrt(xp, hn_sq), (1, -1))], axis=0)
+        V[j + 1, :] = w / _safe_sqrt(xp, hn_sq)
         values = xp.concat([h, xp.reshape(hn_sq, (1,)), *extra])
         return replace(state, V=V, r=None), None, values, ()
 
