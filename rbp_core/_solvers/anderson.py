@@ -6,13 +6,11 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
-import array_api_compat
-
-from .._certificate import fixed_point_residual_bound
 from .._checks import check_divergence_factor, check_int, check_nonnegative, check_optional_nonnegative
 from .._iterate import Limits
 from .._ops import VectorOps
 from .._typing import Array, FixedPointMap, Namespace
+from ._best import BestIterate, record_best
 from ._mixing import Memory, coefficients, extend, mixed, reset, transfer
 from ._settings import DEFAULT_DIVERGENCE_FACTOR, DEFAULT_MAX_ITER, resolve_rtol
 
@@ -39,9 +37,14 @@ class _State:
     resets: int = 0
     secants: tuple[tuple[float, float], ...] = ()  # (||F(h) - F(h')||, ||h - h'||) of consecutive evaluations
 
+    @property
+    def best_point(self) -> Array | None:
+        """The best evaluated iterate (flat)."""
+        return None if self.best is None else self.best[0]
+
 
 @dataclass(frozen=True, kw_only=True)  # settings by name: a positional value could land in the wrong one
-class Anderson:
+class Anderson(BestIterate):
     r"""Safeguarded type-II Anderson acceleration of ``h <- F(h)``: one call of ``f`` per iteration.
 
     Each iteration evaluates ``F`` at ``h + beta f - (dG - (1 - beta) dF) gamma``, where
@@ -164,48 +167,11 @@ class Anderson:
             st = replace(st, secants=(*st.secants, (math.sqrt(values[2]), math.sqrt(values[3]))))
         if residual > self.safeguard * st.best_residual and not st.fallback:  # reject: restart from the best
             return replace(st, reject=True, mem=reset(st.mem), rejections=st.rejections + 1), residual, scale
-        if residual < st.best_residual:
-            st = replace(
-                st,
-                best=(st.h, st.f, st.G),
-                best_residual=residual,
-                best_scale=scale,
-                best_iteration=st.iteration,
-            )
+        st = record_best(st, (st.h, st.f, st.G), residual, scale)
         mem, gamma = coefficients(values[4:], st.mem, self.regularization)
         if gamma is None and mem.size:
             return replace(st, mem=reset(mem), resets=st.resets + 1), residual, scale
         return replace(st, mem=replace(mem, gamma=gamma)), residual, scale
-
-    def solution(self, f: FixedPointMap, st: _State) -> Array:  # noqa: ARG002 - part of the protocol
-        """The iterate with the smallest residual."""
-        if st.best is None:
-            return st.h0
-        return array_api_compat.array_namespace(st.h0).reshape(st.best[0], st.h0.shape)
-
-    def step_contraction(self, mu: float) -> None:  # noqa: ARG002 - part of the protocol
-        """None: one step is not a map with a known constant (the certificate is the residual's)."""
-        return
-
-    def error_bound(
-        self, xp: Namespace, like: Array, mu: float, norms: tuple[float, ...], previous: float, state: Any
-    ) -> float:
-        """``||h - h*|| <= ||F(h) - h|| / (1 - mu)`` for the returned ``h``, rounding included."""
-        del norms, previous
-        return fixed_point_residual_bound(xp, like, mu, float(state.best_residual), float(state.best_scale))
-
-    def lipschitz_pairs(self, st: _State) -> tuple[tuple[float, float], ...]:
-        """The secant pairs met, for the check of a claimed contraction."""
-        return st.secants
-
-    def final_note(self, st: _State) -> str:
-        """Says when the returned iterate is not the last one."""
-        if st.best is None or st.best_iteration == st.iteration:
-            return ""
-        return (
-            f"returned iteration {st.best_iteration} of {st.iteration}, the one with the smallest residual "
-            f"({st.best_residual:.3e})"
-        )
 
     def stats(self, st: _State) -> dict[str, object]:
         """``best_iteration``, ``rejected_steps``, ``memory_resets`` and ``memory_vectors``."""

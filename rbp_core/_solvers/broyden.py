@@ -8,11 +8,11 @@ from typing import Any, ClassVar
 
 import array_api_compat
 
-from .._certificate import fixed_point_residual_bound
 from .._checks import check_divergence_factor, check_int, check_nonnegative, check_optional_nonnegative
 from .._iterate import Limits
 from .._ops import VectorOps
 from .._typing import Array, FixedPointMap, Namespace
+from ._best import BestIterate, record_best
 from ._settings import DEFAULT_DIVERGENCE_FACTOR, DEFAULT_MAX_ITER, resolve_rtol
 
 __all__ = ["Broyden"]
@@ -47,9 +47,14 @@ class _State:
     restarts: int = 0
     secants: tuple[tuple[float, float], ...] = ()
 
+    @property
+    def best_point(self) -> Array | None:
+        """The best accepted iterate (flat)."""
+        return self.best
+
 
 @dataclass(frozen=True, kw_only=True)  # settings by name: a positional value could land in the wrong one
-class Broyden:
+class Broyden(BestIterate):
     r"""Limited-memory good Broyden on ``g(h) = F(h) - h``: one call of ``f`` per iteration.
 
     The inverse of ``g``'s Jacobian ``J - I`` is approximated by ``H = -I + sum_i u_i v_i^T``,
@@ -193,39 +198,7 @@ class Broyden:
             residual=residual,
             secants=secants,
         )
-        if residual < st.best_residual:
-            st = replace(st, best=x_new, best_residual=residual, best_scale=scale, best_iteration=st.iteration)
-        return st, residual, scale
-
-    def solution(self, f: FixedPointMap, st: _State) -> Array:  # noqa: ARG002 - part of the protocol
-        """The iterate with the smallest residual."""
-        if st.best is None:
-            return st.h0
-        return array_api_compat.array_namespace(st.h0).reshape(st.best, st.h0.shape)
-
-    def step_contraction(self, mu: float) -> None:  # noqa: ARG002 - part of the protocol
-        """None: the certificate is the residual's."""
-        return
-
-    def error_bound(
-        self, xp: Namespace, like: Array, mu: float, norms: tuple[float, ...], previous: float, state: Any
-    ) -> float:
-        """``||h - h*|| <= ||F(h) - h|| / (1 - mu)`` for the returned ``h``, rounding included."""
-        del norms, previous
-        return fixed_point_residual_bound(xp, like, mu, float(state.best_residual), float(state.best_scale))
-
-    def lipschitz_pairs(self, st: _State) -> tuple[tuple[float, float], ...]:
-        """The secant pairs of accepted steps, for the check of a claimed contraction."""
-        return st.secants
-
-    def final_note(self, st: _State) -> str:
-        """Says when the returned iterate is not the last one."""
-        if st.best is None or st.best_iteration == st.iteration:
-            return ""
-        return (
-            f"returned iteration {st.best_iteration} of {st.iteration}, the one with the smallest residual "
-            f"({st.best_residual:.3e})"
-        )
+        return record_best(st, x_new, residual, scale), residual, scale
 
     def stats(self, st: _State) -> dict[str, object]:
         """``best_iteration``, ``memory_restarts`` and ``memory_vectors``."""
