@@ -13,6 +13,7 @@ __all__ = [
     "check_int",
     "check_nonnegative",
     "check_optional_nonnegative",
+    "check_tolerances",
 ]
 
 
@@ -42,6 +43,13 @@ def check_nonnegative(value: object, name: str) -> float:
 def check_optional_nonnegative(value: object, name: str) -> float | None:
     """None, or :func:`check_nonnegative`."""
     return None if value is None else check_nonnegative(value, name)
+
+
+def check_tolerances(rtol: object, atol: object, max_iter: object) -> None:
+    """The stopping settings every tolerance-driven solver has: ``rtol`` (None or >= 0), ``atol`` (>= 0), ``max_iter`` (>= 1)."""
+    check_optional_nonnegative(rtol, "rtol")
+    check_nonnegative(atol, "atol")
+    check_int(max_iter, "max_iter", 1)
 
 
 def check_contraction(value: object) -> float | None:

@@ -21,10 +21,20 @@ from dataclasses import dataclass, replace
 
 import array_api_compat
 
+from .._checks import check_int, check_nonnegative
 from .._ops import VectorOps
 from .._typing import Array, Namespace
 
-__all__ = ["Memory", "coefficients", "extend", "mixed", "reset", "transfer"]
+__all__ = ["Memory", "check_settings", "coefficients", "extend", "mixed", "reset", "transfer"]
+
+
+def check_settings(memory: object, mixing: object, regularization: object) -> None:
+    """``memory`` >= 1, ``mixing`` in (0, 1], ``regularization`` >= 0."""
+    check_int(memory, "memory", 1)
+    if not 0.0 < check_nonnegative(mixing, "mixing") <= 1.0:
+        msg = f"mixing must lie in (0, 1], got {mixing!r}"
+        raise ValueError(msg)
+    check_nonnegative(regularization, "regularization")
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,12 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
-from .._checks import check_divergence_factor, check_int, check_nonnegative, check_optional_nonnegative
+from .._checks import check_divergence_factor, check_nonnegative, check_tolerances
 from .._iterate import Limits
 from .._ops import VectorOps
 from .._typing import Array, FixedPointMap, Namespace
 from ._best import BestIterate, record_best
-from ._mixing import Memory, coefficients, extend, mixed, reset, transfer
+from ._mixing import Memory, check_settings, coefficients, extend, mixed, reset, transfer
 from ._settings import DEFAULT_DIVERGENCE_FACTOR, DEFAULT_MAX_ITER, resolve_rtol
 
 __all__ = ["Anderson"]
@@ -107,18 +107,11 @@ class Anderson(BestIterate):
     differentiable_step: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        check_int(self.memory, "memory", 1)
-        beta = check_nonnegative(self.mixing, "mixing")
-        if not 0.0 < beta <= 1.0:
-            msg = f"mixing must lie in (0, 1], got {self.mixing!r}"
-            raise ValueError(msg)
-        check_nonnegative(self.regularization, "regularization")
+        check_settings(self.memory, self.mixing, self.regularization)
         if not check_nonnegative(self.safeguard, "safeguard") > 1.0:
             msg = f"safeguard must be > 1, got {self.safeguard!r}"
             raise ValueError(msg)
-        check_optional_nonnegative(self.rtol, "rtol")
-        check_nonnegative(self.atol, "atol")
-        check_int(self.max_iter, "max_iter", 1)
+        check_tolerances(self.rtol, self.atol, self.max_iter)
         check_divergence_factor(self.divergence_factor)
 
     def limits(self, xp: Namespace, dtype: Any) -> Limits:

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
-from .._checks import check_int, check_nonnegative, check_optional_nonnegative
+from .._checks import check_tolerances
 from .._floats import eps
 from .._iterate import Limits
 from .._norms import norm
@@ -100,9 +100,7 @@ class BiCGSTAB:
     successive_images: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        check_optional_nonnegative(self.rtol, "rtol")
-        check_nonnegative(self.atol, "atol")
-        check_int(self.max_iter, "max_iter", 1)
+        check_tolerances(self.rtol, self.atol, self.max_iter)
 
     def limits(self, xp: Namespace, dtype: Any) -> Limits:
         """``max_iter`` iterations to ``max(rtol ||g||, atol)``; no divergence test (restarts handle growth)."""

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import array_api_compat
 
-from .._checks import check_divergence_factor, check_int, check_nonnegative, check_optional_nonnegative
+from .._checks import check_divergence_factor, check_int, check_nonnegative, check_tolerances
 from .._iterate import Limits
 from .._ops import VectorOps
 from .._typing import Array, FixedPointMap, Namespace
@@ -117,9 +117,7 @@ class Broyden(BestIterate):
             msg = f"safeguard must be > 1, got {self.safeguard!r}"
             raise ValueError(msg)
         check_int(self.backtracks, "backtracks", 0)
-        check_optional_nonnegative(self.rtol, "rtol")
-        check_nonnegative(self.atol, "atol")
-        check_int(self.max_iter, "max_iter", 1)
+        check_tolerances(self.rtol, self.atol, self.max_iter)
         check_divergence_factor(self.divergence_factor)
 
     def limits(self, xp: Namespace, dtype: Any) -> Limits:

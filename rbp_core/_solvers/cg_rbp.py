@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .._checks import check_int, check_nonnegative, check_optional_nonnegative
+from .._checks import check_tolerances
 from .._floats import eps
 from .._iterate import Limits
 from .._norms import norm
@@ -62,9 +62,7 @@ class CGRBP:
     successive_images: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        check_optional_nonnegative(self.rtol, "rtol")
-        check_nonnegative(self.atol, "atol")
-        check_int(self.max_iter, "max_iter", 1)
+        check_tolerances(self.rtol, self.atol, self.max_iter)
 
     def limits(self, xp: Namespace, dtype: Any) -> Limits:
         """``max_iter`` steps to ``max(rtol ||g||, atol)``; CG has no divergence test (its residual never grows)."""

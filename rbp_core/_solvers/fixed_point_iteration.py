@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .._certificate import norm_slack
-from .._checks import check_damping, check_divergence_factor, check_int, check_nonnegative, check_optional_nonnegative
+from .._checks import check_damping, check_divergence_factor, check_tolerances
 from .._floats import eps
 from .._iterate import Limits
 from .._ops import VectorOps
@@ -65,9 +65,7 @@ class FixedPointIteration:
     successive_images: ClassVar[bool] = True  # each step is the damped map applied to the last one
 
     def __post_init__(self) -> None:
-        check_optional_nonnegative(self.rtol, "rtol")
-        check_nonnegative(self.atol, "atol")
-        check_int(self.max_iter, "max_iter", 1)
+        check_tolerances(self.rtol, self.atol, self.max_iter)
         check_damping(self.damping)
         check_divergence_factor(self.divergence_factor)
 

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import array_api_compat
 
-from .._checks import check_int, check_nonnegative, check_optional_nonnegative
+from .._checks import check_int, check_tolerances
 from .._iterate import Limits
 from .._norms import norm
 from .._operator import AdjointOperator
@@ -89,9 +89,7 @@ class GMRES:
 
     def __post_init__(self) -> None:
         check_int(self.restart, "restart", 1)
-        check_optional_nonnegative(self.rtol, "rtol")
-        check_nonnegative(self.atol, "atol")
-        check_int(self.max_iter, "max_iter", 1)
+        check_tolerances(self.rtol, self.atol, self.max_iter)
 
     def limits(self, xp: Namespace, dtype: Any) -> Limits:
         """``max_iter`` iterations to ``max(rtol ||g||, atol)``; no divergence test (the residual never grows)."""

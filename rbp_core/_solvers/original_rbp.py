@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .._checks import check_divergence_factor, check_int, check_nonnegative, check_optional_nonnegative
+from .._checks import check_divergence_factor, check_tolerances
 from .._iterate import Limits
 from .._operator import AdjointOperator
 from .._ops import VectorOps
@@ -61,9 +61,7 @@ class OriginalRBP:
     start_is_iteration: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        check_optional_nonnegative(self.rtol, "rtol")
-        check_nonnegative(self.atol, "atol")
-        check_int(self.max_iter, "max_iter", 1)
+        check_tolerances(self.rtol, self.atol, self.max_iter)
         check_divergence_factor(self.divergence_factor)
 
     def limits(self, xp: Namespace, dtype: Any) -> Limits:
