@@ -12,7 +12,7 @@ from ._certificate import residual_bound
 from ._checks import check_contraction, check_instance
 from ._errors import BackwardFailureWarning, ContractionViolation, ConvergenceError
 from ._floats import eps, scale_pow2, size, unit_scale
-from ._iterate import Outcome, check_pairs, check_ratio, finish, iterate
+from ._iterate import check_pairs, check_ratio, finish, iterate, settled
 from ._norms import norm
 from ._operator import AdjointOperator
 from ._ops import ops_for
@@ -127,22 +127,14 @@ def solve_adjoint(
 
     if not math.isfinite(gnorm) or size(g) == 0 or gnorm == 0.0:
         # Nothing to iterate: a non-finite g (NONFINITE, zeros), an empty state or g = 0 (z* = 0 exactly).
-        finite = math.isfinite(gnorm)
-        outcome = Outcome(
-            value=xp.zeros_like(g) if size(g) else xp.asarray(g, copy=True),
-            state=None,
-            status=Status.SUCCESS if finite else Status.NONFINITE,
-            history=[] if finite else [gnorm],
-            threshold=threshold,
-            note="" if finite else "the right-hand side g is not finite (NaN or Inf)",
-        )
-        if not finite:
-            outcome.stats["nonfinite_input"] = True
-        return finish(
-            outcome,
+        return settled(
+            xp.zeros_like(g) if size(g) else xp.asarray(g, copy=True),
+            gnorm,
             name=method.name,
-            ratio_bound=mu,
-            error_bound=0.0 if mu is not None and finite else None,
+            threshold=threshold,
+            note="",
+            nonfinite_note="the right-hand side g is not finite (NaN or Inf)",
+            certified=mu is not None,
             throw=throw,
         )
 

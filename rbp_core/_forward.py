@@ -11,7 +11,7 @@ from ._adjoint import check_method, solve_adjoint
 from ._callbacks import CheckedCallback, namespace_of, same_kind
 from ._checks import check_contraction, check_instance
 from ._floats import eps, size
-from ._iterate import Outcome, check_ratio, finish, iterate
+from ._iterate import check_ratio, finish, iterate, settled
 from ._norms import norm
 from ._ops import ops_for
 from ._protocols import AdjointMethod, ForwardSolver
@@ -87,19 +87,14 @@ def fixed_point(
     if not math.isfinite(hnorm) or size(h0) == 0:
         # A non-finite start (NONFINITE, zeros) or an empty state, its own fixed point.
         finite = math.isfinite(hnorm)
-        outcome = Outcome(
-            value=xp.asarray(h0, copy=True) if finite else xp.zeros_like(h0),
-            state=None,
-            status=Status.SUCCESS if finite else Status.NONFINITE,
-            history=[] if finite else [hnorm],
-            threshold=max(limits.rtol * hnorm, limits.atol) if limits.rtol is not None and finite else None,
-            note="an empty state: nothing to solve" if finite else "the starting point h0 is not finite (NaN or Inf)",
-        )
-        return finish(
-            outcome,
+        return settled(
+            xp.asarray(h0, copy=True) if finite else xp.zeros_like(h0),
+            hnorm,
             name=solver.name,
-            ratio_bound=m,
-            error_bound=0.0 if mu is not None and finite else None,
+            threshold=max(limits.rtol * hnorm, limits.atol) if limits.rtol is not None and finite else None,
+            note="an empty state: nothing to solve",
+            nonfinite_note="the starting point h0 is not finite (NaN or Inf)",
+            certified=mu is not None,
             throw=throw,
         )
 

@@ -22,7 +22,7 @@ from ._ops import VectorOps
 from ._solution import Solution, Status
 from ._typing import Array
 
-__all__ = ["Limits", "Outcome", "finish", "iterate"]
+__all__ = ["Limits", "Outcome", "finish", "iterate", "settled"]
 
 Vectors = Sequence[tuple[Array, Array | None]]
 """For each monitored squared norm, the array it is the norm of (or the two whose difference it is)."""
@@ -304,3 +304,30 @@ def finish(
     if throw and not solution.converged:
         raise ConvergenceError(solution)
     return solution
+
+
+def settled(
+    value: Array,
+    input_norm: float,
+    *,
+    name: str,
+    threshold: float | None,
+    note: str,
+    nonfinite_note: str,
+    certified: bool,
+    throw: bool,
+) -> Solution:
+    """The Solution of a solve with nothing to iterate: SUCCESS with ``value`` (exact, error bound 0 when
+    ``certified``), or, for a non-finite input of norm ``input_norm``, NONFINITE with ``value`` (zeros)."""
+    finite = math.isfinite(input_norm)
+    outcome = Outcome(
+        value=value,
+        state=None,
+        status=Status.SUCCESS if finite else Status.NONFINITE,
+        history=[] if finite else [input_norm],
+        threshold=threshold,
+        note=note if finite else nonfinite_note,
+    )
+    if not finite:
+        outcome.stats["nonfinite_input"] = True
+    return finish(outcome, name=name, ratio_bound=None, error_bound=0.0 if certified and finite else None, throw=throw)
