@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 import rbp_core
+from rbp_core._norms import summable
 
 from ._shared import Callbacks, make_callbacks
 from ._shared import implicit_gradient as _implicit_gradient
@@ -39,9 +40,7 @@ class _NumpyOps(rbp_core.VectorOps):
     """
 
     def sqnorm(self, x: NDArray) -> Any:
-        flat = x if x.ndim == 1 else x.reshape(-1)
-        if flat.dtype.itemsize < 4:  # half precision: summed in float32, as the core does
-            flat = flat.astype(np.float32)
+        flat = summable(self.xp, x)  # half precisions summed in float32, as the core does
         return flat.dot(flat)
 
 

@@ -88,5 +88,4 @@ nitpick_ignore = [
     ("py:obj", "cupyx.scipy.sparse"),
     ("py:obj", "cupyx.scipy.sparse.linalg.LinearOperator"),
     # A private helper that VectorOps.sqnorm's docstring names; the reference documents no private module.
-    ("py:func", "rbp_core._norms.sqnorm"),
 ]

@@ -16,38 +16,33 @@ import array_api_compat
 from ._floats import size
 from ._typing import Array, Namespace
 
-__all__ = ["norm", "norm_from_sq", "slow_norm", "sqnorm"]
+__all__ = ["norm", "norm_from_sq", "slow_norm", "summable"]
 
 _WIDE: dict[tuple[int, Any], bool] = {}
+_LAST: list[Any] = [None, None, False]  # the namespace and dtype last summed, and whether they widen
 
 
-def _flat(xp: Namespace, x: Array) -> Array:
-    """``x`` as a 1-d array whose squares can be summed: half precisions widened to float32.
+def summable(xp: Namespace, x: Array) -> Array:
+    """``x`` as a 1-d array whose squares and products can be summed: half precisions widened to float32.
+
+    The one rule for every sum of squares and inner product (:func:`norm`, and the vector
+    operations' ``sqnorm`` and ``dot``): ``flat @ flat`` of the result is the sum of squares as a
+    0-d array, read in one pass with no state-sized temporary.
 
     float16 squares leave its range below 2.4e-4 and above 256 (bfloat16 keeps float32's range
     but only 8 bits), so their sums of squares are taken in float32, whose range holds every
     square of a float16 value; the decision is cached per dtype, off the hot path's cost.
     """
     flat = x if x.ndim == 1 else xp.reshape(x, (-1,))
-    key = (id(xp), flat.dtype)  # keyed by library too: dtypes of two libraries must never be compared
-    wide = _WIDE.get(key)
-    if wide is None:
-        wide = _WIDE[key] = xp.finfo(flat.dtype).bits < 32
-    return xp.astype(flat, xp.float32) if wide else flat
-
-
-def sqnorm(xp: Namespace, x: Array) -> Array:
-    """Sum of squares over all elements, as a 0-d array (no device sync).
-
-    The inner product ``flat @ flat`` of the flattened array (``__matmul__`` of
-    two 1-d arrays is a 0-d array in the standard) reads ``x`` once, allocates
-    no state-sized temporary as ``sum(x * x)`` does, and runs no Python wrapper
-    code. This sits on every iteration's hot path, right after a VJP has evicted
-    the caches, where each avoided layer is measurable (benchmarks/bench_core.py).
-    Half-precision arrays are summed in float32 (:func:`_flat`).
-    """
-    flat = _flat(xp, x)
-    return flat @ flat
+    last = _LAST
+    dtype = flat.dtype
+    if dtype is not last[1] or xp is not last[0]:  # the hot path: a solve keeps one library and dtype
+        key = (id(xp), dtype)  # keyed by library too: dtypes of two libraries must never be compared
+        wide = _WIDE.get(key)
+        if wide is None:
+            wide = _WIDE[key] = xp.finfo(dtype).bits < 32
+        last[:] = [xp, dtype, wide]
+    return xp.astype(flat, xp.float32) if last[2] else flat
 
 
 def _quiet(xp: Namespace) -> contextlib.AbstractContextManager[Any]:
@@ -75,7 +70,7 @@ def norm(xp: Namespace, x: Array) -> float:
     here; the solvers' per-iteration norms come from :func:`norm_from_sq`
     instead, which spares the cost of ``numpy.errstate``.
     """
-    flat = _flat(xp, x)
+    flat = summable(xp, x)
     with _quiet(xp):
         s = float(flat @ flat)
     if 0.0 < s < math.inf:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import array_api_compat
 
-from ._norms import norm_from_sq
+from ._norms import norm_from_sq, summable
 from ._typing import Array, Namespace
 
 __all__ = ["VectorOps", "ops_for", "register_ops"]
@@ -36,28 +36,18 @@ class VectorOps:
 
     def __init__(self, xp: Namespace) -> None:
         self.xp = xp
-        self._dtype: object = None  # the dtype last summed, and whether it is summed in float32
-        self._widen = False
         # Libraries whose arrays live in host memory: a 0-d array converts to a float with no
         # transfer, and their scalar arithmetic warns on division by zero, so ratios are taken here.
         self.on_host = array_api_compat.is_numpy_namespace(xp) or array_api_compat.is_array_api_strict_namespace(xp)
 
     def sqnorm(self, x: Array) -> Array:
-        """``||x||^2`` over all elements, a 0-d array (half precisions summed in float32, as :func:`~rbp_core._norms.sqnorm`)."""
-        flat = x if x.ndim == 1 else self.xp.reshape(x, (-1,))
-        if flat.dtype is not self._dtype:  # decided once per dtype: a solve keeps one
-            self._dtype, self._widen = flat.dtype, self.xp.finfo(flat.dtype).bits < 32
-        if self._widen:
-            flat = self.xp.astype(flat, self.xp.float32)
+        """``||x||^2`` over all elements, a 0-d array (half precisions summed in float32)."""
+        flat = summable(self.xp, x)
         return flat @ flat
 
     def dot(self, x: Array, y: Array) -> Array:
         """``<x, y>`` over all elements, a 0-d array (half precisions summed in float32, as :meth:`sqnorm`)."""
-        xp = self.xp
-        a, b = xp.reshape(x, (-1,)), xp.reshape(y, (-1,))
-        if xp.finfo(a.dtype).bits < 32:
-            a, b = xp.astype(a, xp.float32), xp.astype(b, xp.float32)
-        return a @ b
+        return summable(self.xp, x) @ summable(self.xp, y)
 
     def _scalar(self, alpha: Array | float, x: Array) -> Array | float:
         if isinstance(alpha, float) or alpha.dtype == x.dtype:
