@@ -3,12 +3,12 @@
 :class:`~rbp_core.Anderson` and :class:`~rbp_core.Broyden` evaluate ``F`` at points of their own
 choosing and return the evaluated point with the smallest residual. Their states carry ``h0``,
 ``best_point`` (None before the first evaluation), ``best_residual``, ``best_scale``,
-``best_iteration``, ``iteration`` and ``secants``; :func:`record_best` updates the best fields.
+``best_iteration``, ``iteration`` and ``secants``; :func:`record_best` updates the best fields in
+place (the states are mutable, owned by one solve).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import array_api_compat
@@ -20,9 +20,9 @@ __all__ = ["BestIterate", "record_best"]
 
 
 def record_best(st: Any, best: Any, residual: float, scale: float) -> Any:
-    """``st`` with ``best`` (whatever the state keeps of the point) recorded if ``residual`` is the smallest yet."""
+    """``st``, with ``best`` (whatever the state keeps of the point) recorded if ``residual`` is the smallest yet."""
     if residual < st.best_residual:
-        return replace(st, best=best, best_residual=residual, best_scale=scale, best_iteration=st.iteration)
+        st.best, st.best_residual, st.best_scale, st.best_iteration = best, residual, scale, st.iteration
     return st
 
 

@@ -8,8 +8,8 @@ matrix's scale.
 
 The differences live in two ``(memory, n)`` buffers written in place, as a ring (the method's own
 arrays, never the caller's), and the Gram matrix ``dF dF^T`` lives on the host, where each step
-adds one row: a step costs ``O(memory * n)`` on the device and transfers ``2 memory + 1`` numbers,
-not the whole Gram matrix. The mixing is invariant to the order of the differences, so the ring's
+adds one row: a step reads the memory twice (one product for the host, one for the mixing) and
+transfers ``memory + 2`` numbers, not the whole Gram matrix. The mixing is invariant to the order of the differences, so the ring's
 order needs no bookkeeping.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from operator import mul
 
 import array_api_compat
 
@@ -25,7 +25,7 @@ from .._checks import check_int, check_nonnegative
 from .._ops import VectorOps
 from .._typing import Array, Namespace
 
-__all__ = ["Memory", "check_settings", "coefficients", "extend", "mixed", "reset", "transfer"]
+__all__ = ["Memory", "check_settings"]
 
 
 def check_settings(memory: object, mixing: object, regularization: object) -> None:
@@ -37,109 +37,125 @@ def check_settings(memory: object, mixing: object, regularization: object) -> No
     check_nonnegative(regularization, "regularization")
 
 
-@dataclass(frozen=True)
 class Memory:
-    """The ring buffers of differences (rows of flat arrays), how many rows hold data, the newest
-    row's slot, the host's Gram matrix of the rows, and the coefficients ``gamma`` for the next step."""
+    """The ring buffers of differences (rows of flat arrays), the host's Gram matrix of the rows,
+    and the coefficients ``gamma`` for the next step.
 
-    df: Array | None = None
-    dg: Array | None = None
-    count: int = 0
-    slot: int = -1
-    gram: tuple[tuple[float, ...], ...] = ()
-    gamma: tuple[float, ...] | None = None
+    Mutable and owned by one solve: the buffers are written in place, and the host's bookkeeping is
+    updated in place too (a copy of the state per iteration cost more than the host solve).
+    """
+
+    __slots__ = ("capacity", "count", "df", "dg", "gamma", "gram", "products", "slot")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.df: Array | None = None
+        self.dg: Array | None = None
+        self.gram = [[0.0] * capacity for _ in range(capacity)]
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every difference (the buffers are kept for reuse)."""
+        self.count = 0
+        self.slot = -1
+        self.gamma: list[float] | None = None
+        self.products: list[float] = []  # dF f of the last transfer, in slot order
 
     @property
     def size(self) -> int:
         """How many differences are held."""
-        return 0 if self.df is None else min(self.count, int(self.df.shape[0]))
+        return min(self.count, self.capacity)
 
+    def extend(self, xp: Namespace, f: Array, G: Array, f_prev: Array, G_prev: Array) -> None:
+        """Write the differences ``f - f_prev`` and ``G - G_prev`` into the next slot."""
+        if self.df is None or self.dg is None:
+            self.df = xp.zeros((self.capacity, f.shape[0]), dtype=f.dtype, device=array_api_compat.device(f))
+            self.dg = xp.zeros_like(self.df)
+        self.slot = (self.slot + 1) % self.capacity
+        self.df[self.slot, :] = f - f_prev
+        self.dg[self.slot, :] = G - G_prev
+        self.count += 1
+        self.gamma = None
 
-def reset(mem: Memory) -> Memory:
-    """An empty memory that keeps the buffers for reuse."""
-    return Memory(df=mem.df, dg=mem.dg)
+    def mixed(self, ops: VectorOps, f: Array, G: Array, beta: float) -> Array:
+        """The next iterate ``x + beta f - (dG - (1 - beta) dF) gamma``, with ``x = G - f`` (flat)."""
+        x_next = G if beta == 1.0 else ops.axpy(beta, f, ops.axpy(-1.0, f, G))
+        k = self.size
+        if self.gamma is not None and k and self.df is not None and self.dg is not None:
+            gamma = ops.xp.asarray(self.gamma, dtype=self.df.dtype, device=array_api_compat.device(self.df))
+            mix = self.dg[:k, :] if beta == 1.0 else self.dg[:k, :] - (1.0 - beta) * self.df[:k, :]
+            x_next = x_next - gamma @ mix
+        return x_next
 
+    def transfer(self, ops: VectorOps, f: Array, extra: Sequence[Array] = ()) -> Array:
+        """One 1-d array for the host: ``||f||^2``, the ``extra`` values, then ``||dF_new||^2`` and ``dF f``.
 
-def extend(xp: Namespace, mem: Memory, f: Array, G: Array, f_prev: Array, G_prev: Array, memory: int) -> Memory:
-    """The memory with the differences ``f - f_prev`` and ``G - G_prev`` written into the next slot."""
-    df, dg = mem.df, mem.dg
-    if df is None or dg is None:
-        df = xp.zeros((memory, f.shape[0]), dtype=f.dtype, device=array_api_compat.device(f))
-        dg = xp.zeros_like(df)
-    slot = (mem.slot + 1) % memory
-    df[slot, :] = f - f_prev
-    dg[slot, :] = G - G_prev
-    return replace(mem, df=df, dg=dg, count=mem.count + 1, slot=slot, gamma=None)
+        One pass over the memory: the new row of the Gram matrix is ``dF (f - f_prev)``, and
+        ``dF f_prev`` came to the host in the previous transfer (the rows other than the new one
+        are unchanged), so the host forms it by a difference, and only the new diagonal entry is
+        computed here.
+        """
+        xp = ops.xp
+        sq = ops.sqnorm(f)
+        parts = [sq, *extra]
+        k = self.size
+        if k and self.df is not None:
+            parts.append(ops.sqnorm(self.df[self.slot, :]))
+        scalars = xp.stack([p if p.dtype == sq.dtype else xp.astype(p, sq.dtype) for p in parts])
+        if not k or self.df is None:
+            return scalars
+        products = self.df[:k, :] @ f  # a matrix-vector product on contiguous rows
+        return xp.concat([scalars, products if products.dtype == sq.dtype else xp.astype(products, sq.dtype)])
 
+    def update(self, values: Sequence[float], regularization: float) -> bool:
+        """The Gram matrix updated from a transfer's values (after ``extra``), and ``gamma`` solved.
 
-def mixed(ops: VectorOps, f: Array, G: Array, mem: Memory, beta: float) -> Array:
-    """The next iterate ``x + beta f - (dG - (1 - beta) dF) gamma``, with ``x = G - f`` (flat)."""
-    xp = ops.xp
-    x_next = G if beta == 1.0 else ops.axpy(beta, f, ops.axpy(-1.0, f, G))
-    k = mem.size
-    if mem.gamma is not None and k and mem.df is not None and mem.dg is not None:
-        gamma = xp.asarray(mem.gamma, dtype=mem.df.dtype, device=array_api_compat.device(mem.df))
-        mix = mem.dg[:k, :] if beta == 1.0 else mem.dg[:k, :] - (1.0 - beta) * mem.df[:k, :]
-        x_next = x_next - gamma @ mix
-    return x_next
-
-
-def transfer(ops: VectorOps, f: Array, mem: Memory, extra: Sequence[Array] = ()) -> Array:
-    """One 1-d array for the host: ``||f||^2``, the ``extra`` values, then ``dF dF_new`` and ``dF f``."""
-    xp = ops.xp
-    sq = xp.reshape(ops.sqnorm(f), (1,))
-    parts = [sq, *(xp.astype(xp.reshape(e, (1,)), sq.dtype) for e in extra)]
-    k = mem.size
-    if k and mem.df is not None:
-        rows = mem.df[:k, :]
-        both = rows @ xp.stack([mem.df[mem.slot, :], f], axis=1)  # (k, 2): one product for both columns
-        parts.append(xp.astype(xp.reshape(xp.permute_dims(both, (1, 0)), (-1,)), sq.dtype))
-    return xp.concat(parts)
-
-
-def coefficients(
-    values: Sequence[float], mem: Memory, regularization: float
-) -> tuple[Memory, tuple[float, ...] | None]:
-    """The memory with its Gram matrix updated from the host values, and ``gamma`` (None if unsolvable).
-
-    ``values`` are ``dF dF_new`` then ``dF f``, ``size`` each, in slot order.
-    """
-    k = mem.size
-    if k == 0:
-        return mem, None
-    new_row, b = list(values[:k]), list(values[k : 2 * k])
-    gram = [list(row) + [0.0] * (k - len(row)) for row in mem.gram[:k]]
-    gram += [[0.0] * k for _ in range(k - len(gram))]
-    for i in range(k):
-        gram[mem.slot][i] = gram[i][mem.slot] = new_row[i]
-    mem = replace(mem, gram=tuple(tuple(row) for row in gram))
-    H = [row[:] for row in gram]
-    lam = regularization * max(H[i][i] for i in range(k))
-    for i in range(k):
-        H[i][i] += lam
-    gamma = _cholesky_solve(H, b)
-    return mem, None if gamma is None else tuple(gamma)
+        ``values`` are ``||dF_new||^2`` then ``dF f`` (``size`` values in slot order). False when the
+        regularised system cannot be factored (the caller restarts the memory).
+        """
+        k = self.size
+        if k == 0:
+            self.gamma = None
+            return True
+        slot, gram, previous = self.slot, self.gram, self.products
+        b = list(values[1 : 1 + k])
+        row = gram[slot]
+        for i in range(k):
+            v = values[0] if i == slot else b[i] - previous[i]
+            row[i] = v
+            gram[i][slot] = v
+        self.products = b
+        lam = regularization * max(gram[i][i] for i in range(k))
+        H = [gram[i][:k] for i in range(k)]
+        for i in range(k):
+            H[i][i] += lam
+        self.gamma = _cholesky_solve(H, b)
+        return self.gamma is not None
 
 
 def _cholesky_solve(H: list[list[float]], b: list[float]) -> list[float] | None:
     """``H x = b`` for a small symmetric positive semi-definite ``H``; None if it is not positive definite."""
     k = len(b)
-    L = [[0.0] * k for _ in range(k)]
+    L: list[list[float]] = []
+    for i in range(k):
+        Hi = H[i]
+        Li: list[float] = []
+        for j in range(i):
+            Lj = L[j]
+            Li.append((Hi[j] - sum(map(mul, Li, Lj))) / Lj[j])  # map stops at len(Li) == j
+        d = Hi[i] - sum(map(mul, Li, Li))
+        if not 0.0 < d < math.inf:
+            return None
+        Li.append(math.sqrt(d))
+        L.append(Li)
+    y: list[float] = []
     for i in range(k):
         Li = L[i]
-        for j in range(i + 1):
-            Lj = L[j]
-            acc = H[i][j] - sum(Li[t] * Lj[t] for t in range(j))
-            if i == j:
-                if not acc > 0.0 or not math.isfinite(acc):
-                    return None
-                Li[i] = math.sqrt(acc)
-            else:
-                Li[j] = acc / Lj[j]
-    y = [0.0] * k
-    for i in range(k):
-        y[i] = (b[i] - sum(L[i][t] * y[t] for t in range(i))) / L[i][i]
+        y.append((b[i] - sum(map(mul, Li, y))) / Li[i])
     x = [0.0] * k
-    for i in reversed(range(k)):
-        x[i] = (y[i] - sum(L[t][i] * x[t] for t in range(i + 1, k))) / L[i][i]
-    return x if all(math.isfinite(v) for v in x) else None
+    for i in range(k - 1, -1, -1):
+        s = y[i]
+        for t in range(i + 1, k):
+            s -= L[t][i] * x[t]
+        x[i] = s / L[i][i]
+    return x if all(map(math.isfinite, x)) else None

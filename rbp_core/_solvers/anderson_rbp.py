@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from .._checks import check_divergence_factor, check_tolerances
@@ -11,7 +11,7 @@ from .._iterate import Limits
 from .._operator import AdjointOperator
 from .._ops import VectorOps
 from .._typing import Array, Namespace
-from ._mixing import Memory, check_settings, coefficients, extend, mixed, reset, transfer
+from ._mixing import Memory, check_settings
 from ._settings import DEFAULT_DIVERGENCE_FACTOR, DEFAULT_MAX_ITER, resolve_rtol
 
 __all__ = ["AndersonRBP"]
@@ -19,13 +19,16 @@ __all__ = ["AndersonRBP"]
 
 @dataclass(frozen=True)
 class _State:
-    """The last evaluated iterate ``z``, its residual ``f = G(z) - z`` and image ``G(z)`` (flat), and the memory."""
+    """The last evaluated iterate ``z``, its residual ``f = G(z) - z`` and image ``G(z)`` (flat), and the memory.
+
+    Frozen, so that the driver's last finite state keeps its ``z``; the memory inside is updated in place.
+    """
 
     g: Array
     z: Array
     f: Array
     G: Array
-    mem: Memory = field(default_factory=Memory)
+    mem: Memory
     resets: int = 0
 
 
@@ -101,27 +104,27 @@ class AndersonRBP:
         else:
             z, G = z0, xp.reshape(A.vjp(z0), (-1,)) + flat_g
         f = G - xp.reshape(z, (-1,))
-        return _State(g=g, z=z, f=f, G=G), z, ((ops.sqnorm(f),), ((f, None),))
+        return _State(g=g, z=z, f=f, G=G, mem=Memory(self.memory)), z, ((ops.sqnorm(f),), ((f, None),))
 
     def step(self, A: AdjointOperator, st: _State, ops: VectorOps) -> tuple[_State, None, Array, tuple[()]]:
         """Form the mixed iterate, evaluate ``G`` there (one VJP), extend the memory, transfer its Gram matrix."""
         xp = ops.xp
         shape = st.g.shape
-        z = mixed(ops, st.f, st.G, st.mem, self.mixing)
+        z = st.mem.mixed(ops, st.f, st.G, self.mixing)
         G = xp.reshape(A.vjp(xp.reshape(z, shape)), (-1,)) + xp.reshape(st.g, (-1,))
         f = G - z
-        mem = extend(xp, st.mem, f, G, st.f, st.G, self.memory)
-        return replace(st, z=xp.reshape(z, shape), f=f, G=G, mem=mem), None, transfer(ops, f, mem), ()
+        st.mem.extend(xp, f, G, st.f, st.G)
+        return replace(st, z=xp.reshape(z, shape), f=f, G=G), None, st.mem.transfer(ops, f), ()
 
     def host_update(self, st: _State, values: tuple[float, ...]) -> tuple[_State, float]:
         """Solve ``(dF dF^T + lambda I) gamma = dF f`` on the host; the residual norm is ``||f||``."""
         residual = math.sqrt(values[0]) if values[0] > 0.0 else 0.0
         if not math.isfinite(residual):
             return st, residual
-        mem, gamma = coefficients(values[1:], st.mem, self.regularization)
-        if gamma is None:  # the memory says nothing usable: forget it, take a plain step
-            return replace(st, mem=reset(mem), resets=st.resets + 1), residual
-        return replace(st, mem=replace(mem, gamma=gamma)), residual
+        if not st.mem.update(values[1:], self.regularization):  # nothing usable: forget it, take a plain step
+            st.mem.reset()
+            return replace(st, resets=st.resets + 1), residual
+        return st, residual
 
     def solution(self, A: AdjointOperator, st: _State) -> Array:  # noqa: ARG002 - part of the protocol
         """The last evaluated iterate: the one whose residual was monitored."""

@@ -18,13 +18,14 @@ from ._settings import DEFAULT_DIVERGENCE_FACTOR, DEFAULT_MAX_ITER, resolve_rtol
 __all__ = ["Broyden"]
 
 
-@dataclass(frozen=True)
+@dataclass
 class _State:
     """The accepted iterate ``x`` and ``g(x)`` (flat), the inverse-Jacobian factors, the step, the best.
 
     The inverse of ``g``'s Jacobian is approximated by ``H = -I + U^T V`` (rows of ``U`` and ``V``).
     ``pending`` is the accepted step's ``(dx, dg)``, applied to ``H`` at the start of the next step;
-    ``trial`` the last evaluated point ``(x, g(x))`` awaiting the host's verdict.
+    ``trial`` the last evaluated point ``(x, g(x))`` awaiting the host's verdict. Not frozen: the
+    best-iterate fields are recorded in place (:func:`~rbp_core._solvers._best.record_best`).
     """
 
     h0: Array
