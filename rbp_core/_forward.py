@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from ._adjoint import check_method, solve_adjoint
 from ._callbacks import CheckedCallback, namespace_of, same_kind
@@ -99,10 +99,11 @@ def fixed_point(
         )
 
     ops = ops_for(xp)
+    pairs = getattr(solver, "lipschitz_pairs", None)  # a solver whose steps are no single map reports its secants
     outcome = iterate(
         solver,
         op,
-        solver.init(op, h0, ops),
+        solver.init(op, h0, ops) if pairs is None else cast("Any", solver).init(op, h0, ops, secants=mu is not None),
         ops=ops,
         limits=limits,
         scale=hnorm,
@@ -111,8 +112,7 @@ def fixed_point(
         slack=root_eps * hnorm,
         rel_slack=root_eps,
     )
-    pairs = getattr(solver, "lipschitz_pairs", None)
-    if mu is not None and pairs is not None:  # a solver whose steps are no single map reports its secants
+    if mu is not None and pairs is not None:
         slack = root_eps * max(hnorm, outcome.previous_scale)
         for image, vector in pairs(outcome.state):
             check_ratio(outcome, image, vector, mu, slack, root_eps)

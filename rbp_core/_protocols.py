@@ -13,8 +13,11 @@ Optional members the driver reads when a solver has them: ``successive_images`` 
 norm is that of ``J^T`` (or the step map) applied to the previous vector, so their ratios are
 checked against a claimed contraction), ``start_is_iteration`` (see :class:`AdjointMethod`),
 ``breakdown(problem, state)`` (asked when the residual grew or turned NaN: True means BREAKDOWN),
-``success_note(norms, reference)`` (words for :attr:`Solution.note` on success) and
-``stats(state)`` (solver-specific counts for :attr:`Solution.stats`).
+``success_note(norms, reference)`` (words for :attr:`Solution.note` on success),
+``stats(state)`` (solver-specific counts for :attr:`Solution.stats`) and, for a forward solver
+whose steps are no single map, ``lipschitz_pairs(state)``: the secant pairs
+``(||F(h) - F(h')||, ||h - h'||)`` it met, checked against a claimed contraction. Such a solver's
+``init`` takes ``secants=False`` when no contraction is claimed, and then need not compute them.
 """
 
 from __future__ import annotations

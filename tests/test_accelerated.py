@@ -51,6 +51,28 @@ def test_reaches_the_plain_iterations_fixed_point_in_fewer_calls(backend, solver
     assert true_error <= fast.error_bound + 1e-13
 
 
+@pytest.mark.parametrize("solver", ACCELERATED, ids=lambda s: s.name)
+def test_secants_are_taken_only_for_a_claimed_contraction_and_change_nothing(solver) -> None:
+    rng = np.random.default_rng(5)
+    W = 0.9 * np.linalg.qr(rng.standard_normal((20, 20)))[0]  # orthogonal times 0.9: ||J|| <= 0.9
+    u = rng.standard_normal(20)
+
+    def f(h):
+        return np.tanh(W @ h + u)
+
+    claimed = rbp_core.fixed_point(f, np.zeros(20), solver, contraction=0.95)
+    plain = rbp_core.fixed_point(f, np.zeros(20), solver)
+    np.testing.assert_array_equal(claimed.value, plain.value)  # the same iterates, bit for bit
+    assert claimed.num_f_evals == plain.num_f_evals
+    assert claimed.error_bound is not None
+    assert plain.error_bound is None
+    # Without a claim no pair is computed; with one every pair of consecutive evaluations is checked.
+    state, _, _ = solver.init(f, np.zeros(20), rbp_core.VectorOps(np), secants=False)
+    assert solver.lipschitz_pairs(state) == ()
+    wrong = rbp_core.fixed_point(f, np.zeros(20), solver, contraction=0.5, throw=False)
+    assert wrong.contraction_violated
+
+
 def test_anderson_reaches_1e_minus_10_near_the_edge() -> None:
     rng = np.random.default_rng(0)
     n = 200

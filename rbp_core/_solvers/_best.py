@@ -3,7 +3,7 @@
 :class:`~rbp_core.Anderson` and :class:`~rbp_core.Broyden` evaluate ``F`` at points of their own
 choosing and return the evaluated point with the smallest residual. Their states carry ``h0``,
 ``best_point`` (None before the first evaluation), ``best_residual``, ``best_scale``,
-``best_iteration``, ``iteration`` and ``secants``; :func:`record_best` updates the best fields in
+``best_iteration``, ``iteration`` and ``secants`` (None when no contraction is claimed: not computed); :func:`record_best` updates the best fields in
 place (the states are mutable, owned by one solve).
 """
 
@@ -48,7 +48,7 @@ class BestIterate:
 
     def lipschitz_pairs(self, st: Any) -> tuple[tuple[float, float], ...]:
         """The secant pairs ``(||F(h) - F(h')||, ||h - h'||)`` met, for the check of a claimed contraction."""
-        return tuple(st.secants)
+        return tuple(st.secants or ())
 
     def final_note(self, st: Any) -> str:
         """Says when the returned iterate is not the last one."""

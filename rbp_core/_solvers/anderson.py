@@ -42,7 +42,7 @@ class _State:
         "secants",
     )
 
-    def __init__(self, h0: Array, memory: int) -> None:
+    def __init__(self, h0: Array, memory: int, *, secants: bool) -> None:
         self.h0 = h0
         self.h: Array | None = None
         self.f: Array | None = None
@@ -57,7 +57,8 @@ class _State:
         self.fallback = False  # the last evaluated step was that plain step: taken whatever its residual
         self.rejections = 0
         self.resets = 0
-        self.secants: list[tuple[float, float]] = []  # (||F(h) - F(h')||, ||h - h'||) of consecutive evaluations
+        # (||F(h) - F(h')||, ||h - h'||) of consecutive evaluations, when a contraction is to be checked
+        self.secants: list[tuple[float, float]] | None = [] if secants else None
 
     @property
     def best_point(self) -> Array | None:
@@ -140,9 +141,16 @@ class Anderson(BestIterate):
         """``max_iter`` calls of ``f`` to ``max(rtol ||F(h)||, atol)``."""
         return Limits(self.max_iter, resolve_rtol(self.rtol, xp, dtype), self.atol, self.divergence_factor)
 
-    def init(self, f: FixedPointMap, h0: Array, ops: VectorOps) -> tuple[Any, Array, Any]:  # noqa: ARG002
-        """Nothing evaluated yet: the first step evaluates ``F(h0)``."""
-        return _State(h0, self.memory), h0, None
+    def init(
+        self,
+        f: FixedPointMap,  # noqa: ARG002 - part of the protocol
+        h0: Array,
+        ops: VectorOps,  # noqa: ARG002 - part of the protocol
+        *,
+        secants: bool = True,
+    ) -> tuple[Any, Array, Any]:
+        """Nothing evaluated yet: the first step evaluates ``F(h0)``; ``secants`` for a claimed contraction."""
+        return _State(h0, self.memory, secants=secants), h0, None
 
     def step(self, f: FixedPointMap, st: _State, ops: VectorOps) -> tuple[_State, None, Array, tuple[()]]:
         """Evaluate ``F`` at the next iterate (plain, mixed, or from the best after a rejection)."""
@@ -156,19 +164,21 @@ class Anderson(BestIterate):
             h = mem.mixed(ops, st.f, st.G, self.mixing)
         G = xp.reshape(f(xp.reshape(h, st.h0.shape)), (-1,))
         r = G - h
-        if st.f is None or st.G is None:  # no pair yet: two zeros keep the transfer's layout
-            secant = [ops.sqnorm(r) * 0.0] * 2
-        else:
+        extra = [ops.sqnorm(G)]
+        if st.f is not None and st.G is not None:
             # The newest differences, from the last point or (after a rejection, into the memory
             # restarted then) from the best: dG = F(h) - F(h') and dG - dF = h - h'.
             f_prev, G_prev = (st.best[1], st.best[2]) if st.reject and st.best is not None else (st.f, st.G)
             mem.extend(xp, r, G, f_prev, G_prev)
-            dg = mem.dg[mem.slot, :]  # type: ignore[index]  # extend allocated the buffers
-            secant = [ops.sqnorm(dg), ops.sqnorm(dg - mem.df[mem.slot, :])]  # type: ignore[index]
+            if st.secants is not None:
+                dg = mem.dg[mem.slot, :]  # type: ignore[index]  # extend allocated the buffers
+                extra += [ops.sqnorm(dg), ops.sqnorm(dg - mem.df[mem.slot, :])]  # type: ignore[index]
+        if st.secants is not None and len(extra) == 1:  # no pair yet: two zeros keep the transfer's layout
+            extra += [extra[0] * 0.0] * 2
         st.fallback, st.reject = st.reject and st.best is not None, False
         st.h, st.f, st.G = h, r, G
         st.iteration += 1
-        return st, None, mem.transfer(ops, r, [ops.sqnorm(G), *secant]), ()
+        return st, None, mem.transfer(ops, r, extra), ()
 
     def host_update(self, st: _State, values: tuple[float, ...]) -> tuple[_State, float, float]:
         """The residual and scale; the best iterate; a rejection, or the mixing coefficients."""
@@ -176,15 +186,18 @@ class Anderson(BestIterate):
         scale = math.sqrt(values[1]) if values[1] > 0.0 else 0.0
         if not (math.isfinite(residual) and math.isfinite(scale)):
             return st, math.nan, scale
-        if values[3] > 0.0:
-            st.secants.append((math.sqrt(values[2]), math.sqrt(values[3])))
+        start = 2
+        if st.secants is not None:
+            if values[3] > 0.0:
+                st.secants.append((math.sqrt(values[2]), math.sqrt(values[3])))
+            start = 4
         if residual > self.safeguard * st.best_residual and not st.fallback:  # reject: restart from the best
             st.reject = True
             st.mem.reset()
             st.rejections += 1
             return st, residual, scale
         record_best(st, (st.h, st.f, st.G), residual, scale)
-        if not st.mem.update(values[4:], self.regularization):
+        if not st.mem.update(values[start:], self.regularization):
             st.mem.reset()
             st.resets += 1
         return st, residual, scale

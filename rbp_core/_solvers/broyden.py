@@ -46,7 +46,7 @@ class _State:
     iteration: int = 0
     backtracks: int = 0
     restarts: int = 0
-    secants: tuple[tuple[float, float], ...] = ()
+    secants: tuple[tuple[float, float], ...] | None = ()  # None: no contraction to check, not computed
 
     @property
     def best_point(self) -> Array | None:
@@ -125,9 +125,16 @@ class Broyden(BestIterate):
         """``max_iter`` calls of ``f`` to ``max(rtol ||F(h)||, atol)``."""
         return Limits(self.max_iter, resolve_rtol(self.rtol, xp, dtype), self.atol, self.divergence_factor)
 
-    def init(self, f: FixedPointMap, h0: Array, ops: VectorOps) -> tuple[Any, Array, Any]:  # noqa: ARG002
-        """Nothing evaluated yet: the first step evaluates ``F(h0)``."""
-        return _State(h0=h0), h0, None
+    def init(
+        self,
+        f: FixedPointMap,  # noqa: ARG002 - part of the protocol
+        h0: Array,
+        ops: VectorOps,  # noqa: ARG002 - part of the protocol
+        *,
+        secants: bool = True,
+    ) -> tuple[Any, Array, Any]:
+        """Nothing evaluated yet: the first step evaluates ``F(h0)``; ``secants`` for a claimed contraction."""
+        return _State(h0=h0, secants=() if secants else None), h0, None
 
     def step(self, f: FixedPointMap, st: _State, ops: VectorOps) -> tuple[_State, None, Array, tuple[()]]:
         """Update ``H`` with the last accepted step, then evaluate ``F`` at ``x + alpha p``."""
@@ -136,7 +143,7 @@ class Broyden(BestIterate):
         rank = st.rank
         if st.x is None or st.g is None:  # the first evaluation: F(h0)
             x_new, U, V, p = xp.reshape(st.h0, (-1,)), None, None, None
-            secant = [ops.sqnorm(x_new) * 0.0] * 2
+            secant = [ops.sqnorm(x_new) * 0.0] * 2 if st.secants is not None else []
         else:
             U, V, p = st.U, st.V, st.p
             if st.pending is not None:  # the good-Broyden update for the accepted step, then a new direction
@@ -161,7 +168,9 @@ class Broyden(BestIterate):
         G = xp.reshape(f(xp.reshape(x_new, shape)), (-1,))
         g_new = G - x_new
         if st.x is not None and st.g is not None:
-            secant = [ops.sqnorm((g_new + x_new) - (st.g + st.x)), ops.sqnorm(x_new - st.x)]
+            secant = (
+                [] if st.secants is None else [ops.sqnorm((g_new + x_new) - (st.g + st.x)), ops.sqnorm(x_new - st.x)]
+            )
         values = xp.concat([xp.reshape(v, (1,)) for v in (ops.sqnorm(g_new), ops.sqnorm(G), *secant)])
         new = replace(st, U=U, V=V, rank=rank, p=p, pending=None, trial=(x_new, g_new), iteration=st.iteration + 1)
         return new, None, values, ()
@@ -183,7 +192,7 @@ class Broyden(BestIterate):
         else:
             pending = None if first else (x_new - st.x, g_new - st.g)
         secants = st.secants
-        if not first and values[3] > 0.0:
+        if secants is not None and not first and values[3] > 0.0:
             secants = (*secants, (math.sqrt(values[2]), math.sqrt(values[3])))
         st = replace(
             st,
