@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import rbp_core
+from rbp_core._solvers._mixing import Memory  # the adaptive rule lives in the private memory
 
 ACCELERATED = [rbp_core.Anderson(rtol=1e-12, max_iter=500), rbp_core.Broyden(rtol=1e-12, max_iter=500)]
 
@@ -71,6 +72,38 @@ def test_secants_are_taken_only_for_a_claimed_contraction_and_change_nothing(sol
     assert solver.lipschitz_pairs(state) == ()
     wrong = rbp_core.fixed_point(f, np.zeros(20), solver, contraction=0.5, throw=False)
     assert wrong.contraction_violated
+
+
+@pytest.mark.parametrize(("lam", "beta"), [(-3.0, 0.5), (-0.5, 2 / 3), (0.5, 2.0), (0.9, 4.0)])
+def test_the_adaptive_mixing_is_the_scalar_inverse_along_the_newest_secant(lam, beta) -> None:
+    # F(h) = lam h + c: the ideal step along any direction is 1 / (1 - lam), kept in [0.5, 4].
+    rng = np.random.default_rng(1)
+    ops = rbp_core.VectorOps(np)
+    x0, x1, c = rng.standard_normal((3, 6))
+    G0, G1 = lam * x0 + c, lam * x1 + c
+    memory = Memory(3, "adaptive")
+    memory.extend(np, G1 - x1, G1, G0 - x0, G0)
+    assert memory.update(ops.to_host(memory.transfer(ops, G1 - x1))[1:], 1e-10)
+    assert memory.beta == pytest.approx(beta, rel=1e-12)
+
+
+@pytest.mark.parametrize(("low", "high"), [(0.0, 0.95), (-0.95, 0.0), (-0.95, 0.95)])
+def test_the_adaptive_mixing_takes_fewer_calls_than_a_fixed_one(low, high) -> None:
+    rng = np.random.default_rng(0)
+    Q, _ = np.linalg.qr(rng.standard_normal((40, 40)))
+    A = (Q * np.linspace(low, high, 40)) @ Q.T
+    u = 0.05 * rng.standard_normal(40)
+
+    def f(h):
+        return np.tanh(A @ h + u)
+
+    calls = {
+        mixing: rbp_core.fixed_point(
+            f, np.zeros(40), rbp_core.Anderson(memory=5, mixing=mixing, rtol=1e-11)
+        ).num_f_evals
+        for mixing in ("adaptive", 1.0)
+    }
+    assert calls["adaptive"] < calls[1.0]
 
 
 def test_anderson_reaches_1e_minus_10_near_the_edge() -> None:

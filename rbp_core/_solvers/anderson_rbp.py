@@ -104,13 +104,13 @@ class AndersonRBP:
         else:
             z, G = z0, xp.reshape(A.vjp(z0), (-1,)) + flat_g
         f = G - xp.reshape(z, (-1,))
-        return _State(g=g, z=z, f=f, G=G, mem=Memory(self.memory)), z, ((ops.sqnorm(f),), ((f, None),))
+        return _State(g=g, z=z, f=f, G=G, mem=Memory(self.memory, self.mixing)), z, ((ops.sqnorm(f),), ((f, None),))
 
     def step(self, A: AdjointOperator, st: _State, ops: VectorOps) -> tuple[_State, None, Array, tuple[()]]:
         """Form the mixed iterate, evaluate ``G`` there (one VJP), extend the memory, transfer its Gram matrix."""
         xp = ops.xp
         shape = st.g.shape
-        z = st.mem.mixed(ops, st.f, st.G, self.mixing)
+        z = st.mem.mixed(ops, st.f, st.G)
         G = xp.reshape(A.vjp(xp.reshape(z, shape)), (-1,)) + xp.reshape(st.g, (-1,))
         f = G - z
         st.mem.extend(xp, f, G, st.f, st.G)
