@@ -223,6 +223,23 @@ class _TorchOps(rbp_core.VectorOps):
     def exact_norm(self, s: float, x: torch.Tensor, minus: torch.Tensor | None = None) -> float:
         return super().exact_norm(s, x.detach(), None if minus is None else minus.detach())
 
+    # One kernel where the generic code takes two (float32, n = 16384: 2-5 us saved each, a tenth
+    # of Anderson's time per step outside the calls of f).
+    def axpy(self, alpha: torch.Tensor | float, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if isinstance(alpha, float):
+            return torch.add(y, x, alpha=alpha)
+        return cast("torch.Tensor", super().axpy(alpha, x, y))
+
+    def add_combination(self, x: torch.Tensor, coefficients: Sequence[float], rows: torch.Tensor) -> torch.Tensor:
+        c = torch.tensor(coefficients, dtype=rows.dtype, device=rows.device)
+        return torch.addmv(x, rows.T, c)
+
+    def write_difference(self, buffer: torch.Tensor, index: tuple[int, ...], a: torch.Tensor, b: torch.Tensor) -> None:
+        if a.requires_grad or b.requires_grad:  # out= does not record a graph
+            super().write_difference(buffer, index, a, b)
+        else:
+            torch.sub(a, b, out=buffer[index])
+
 
 rbp_core.register_ops(array_api_compat.is_torch_namespace, _TorchOps)
 

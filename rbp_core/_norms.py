@@ -16,7 +16,7 @@ import array_api_compat
 from ._floats import size
 from ._typing import Array, Namespace
 
-__all__ = ["norm", "norm_from_sq", "slow_norm", "summable"]
+__all__ = ["norm", "norm_from_sq", "slow_norm", "summable", "widens"]
 
 _WIDE: dict[tuple[int, Any], bool] = {}
 _LAST: list[Any] = [None, None, False]  # the namespace and dtype last summed, and whether they widen
@@ -37,12 +37,17 @@ def summable(xp: Namespace, x: Array) -> Array:
     last = _LAST
     dtype = flat.dtype
     if dtype is not last[1] or xp is not last[0]:  # the hot path: a solve keeps one library and dtype
-        key = (id(xp), dtype)  # keyed by library too: dtypes of two libraries must never be compared
-        wide = _WIDE.get(key)
-        if wide is None:
-            wide = _WIDE[key] = xp.finfo(dtype).bits < 32
-        last[:] = [xp, dtype, wide]
+        last[:] = [xp, dtype, widens(xp, dtype)]
     return xp.astype(flat, xp.float32) if last[2] else flat
+
+
+def widens(xp: Namespace, dtype: Any) -> bool:
+    """Whether sums of squares and products of ``dtype`` are taken in float32 (the half precisions)."""
+    key = (id(xp), dtype)  # keyed by library too: dtypes of two libraries must never be compared
+    wide = _WIDE.get(key)
+    if wide is None:
+        wide = _WIDE[key] = xp.finfo(dtype).bits < 32
+    return wide
 
 
 def _quiet(xp: Namespace) -> contextlib.AbstractContextManager[Any]:

@@ -78,6 +78,16 @@ class VectorOps:
         """``(||new - old||^2, ||new||^2)``: the size of a step and of where it arrived."""
         return self.sqnorm(new - old), self.sqnorm(new)
 
+    def add_combination(self, x: Array, coefficients: Sequence[float], rows: Array) -> Array:
+        """``x + sum_i c_i rows[i]`` for host ``coefficients`` (one per row of the 2-d ``rows``)."""
+        c = self.xp.asarray(coefficients, dtype=rows.dtype, device=array_api_compat.device(rows))
+        return x + c @ rows
+
+    def write_difference(self, buffer: Array, index: tuple[int, ...], a: Array, b: Array) -> None:
+        """``buffer[index] = a - b`` (``index`` a leading integer index), in place: ``buffer`` is a
+        solver's own array, never the caller's."""
+        buffer[(*index, ...)] = a - b
+
     def exact_norm(self, s: float, x: Array, minus: Array | None = None) -> float:
         """The 2-norm of ``x`` (or ``x - minus``) from its sum of squares ``s``, rescaled where ``s`` is 0, inf or NaN."""
         return norm_from_sq(self.xp, s, x, minus)

@@ -82,7 +82,7 @@ def test_the_adaptive_mixing_is_the_scalar_inverse_along_the_newest_secant(lam, 
     x0, x1, c = rng.standard_normal((3, 6))
     G0, G1 = lam * x0 + c, lam * x1 + c
     memory = Memory(3, "adaptive")
-    memory.extend(np, G1 - x1, G1, G0 - x0, G0)
+    memory.extend(ops, G1 - x1, G1, G0 - x0, G0)
     assert memory.update(ops.to_host(memory.transfer(ops, G1 - x1))[1:], 1e-10)
     assert memory.beta == pytest.approx(beta, rel=1e-12)
 

@@ -238,6 +238,35 @@ def test_registered_ops_are_used_for_their_namespace_only(backend) -> None:
     assert type(ops_for(target)) is not Spy
 
 
+def test_each_backends_ops_agree_with_the_generic_ones(backend) -> None:
+    import rbp_core.backends.numpy  # registers its ops
+    from rbp_core._ops import ops_for
+
+    rng = np.random.default_rng(8)
+    xp = backend.xp
+    fast, generic = ops_for(xp), rbp_core.VectorOps(xp)
+    x, y = backend.asarray(rng.standard_normal(50)), backend.asarray(rng.standard_normal(50))
+    rows = backend.asarray(rng.standard_normal((3, 50)))
+    c = [0.5, -2.0, 0.25]
+    for op, args in (
+        ("axpy", (0.3, x, y)),
+        ("axpy", (-1.0, x, y)),
+        ("add_combination", (x, c, rows)),
+        ("sqnorm", (x,)),
+        ("dot", (x, y)),
+    ):
+        np.testing.assert_allclose(
+            backend.to_numpy(getattr(fast, op)(*args)), backend.to_numpy(getattr(generic, op)(*args)), rtol=1e-14
+        )
+    buffers = [xp.zeros((2, 2, 50), dtype=x.dtype, device=backend.device) for _ in range(2)]  # a solver's own
+    fast.write_difference(buffers[0], (1, 0), x, y)
+    generic.write_difference(buffers[1], (1, 0), x, y)
+    want = np.zeros((2, 2, 50))
+    want[1, 0] = backend.to_numpy(x) - backend.to_numpy(y)
+    for b in buffers:
+        np.testing.assert_array_equal(backend.to_numpy(b), want)
+
+
 def test_the_core_imports_no_adapter_and_no_framework() -> None:
     import subprocess
     import sys

@@ -6,10 +6,10 @@ residual ``f = G(x) - x`` and take ``x + beta f - (dG - (1 - beta) dF) gamma`` n
 minimising ``||f - dF gamma||^2 + lambda ||gamma||^2`` with ``lambda`` relative to the Gram
 matrix's scale.
 
-The differences live in two ``(memory, n)`` buffers written in place, as a ring (the method's own
-arrays, never the caller's), and the Gram matrix ``dF dF^T`` lives on the host, where each step
+The differences live in one ``(memory, 2, n)`` buffer written in place, as a ring (the method's
+own array, never the caller's), and the Gram matrix ``dF dF^T`` lives on the host, where each step
 adds one row: a step reads the memory twice (one product for the host, one for the mixing) and
-transfers ``memory + 2`` numbers, not the whole Gram matrix. The mixing is invariant to the order of the differences, so the ring's
+transfers ``memory + 3`` numbers, not the whole Gram matrix. The mixing is invariant to the order of the differences, so the ring's
 order needs no bookkeeping.
 """
 
@@ -22,8 +22,9 @@ from operator import mul
 import array_api_compat
 
 from .._checks import check_int, check_nonnegative
+from .._norms import widens
 from .._ops import VectorOps
-from .._typing import Array, Namespace
+from .._typing import Array
 
 __all__ = ["Memory", "check_settings"]
 
@@ -48,11 +49,13 @@ def check_settings(memory: object, mixing: object, regularization: object, *, ad
 
 
 class Memory:
-    """The ring buffers of differences (rows of flat arrays), the host's Gram matrix of the rows,
-    and the coefficients ``gamma`` for the next step.
+    """The ring buffer of differences, the host's Gram matrix of the residual differences, and the
+    coefficients ``gamma`` (and ``beta``) for the next step.
 
-    Mutable and owned by one solve: the buffers are written in place, and the host's bookkeeping is
-    updated in place too (a copy of the state per iteration cost more than the host solve).
+    One ``(memory, 2, n)`` buffer holds each slot's ``dG`` and ``dF`` side by side, so that the
+    mixing reads both in one matrix-vector product over ``2 k`` contiguous rows. Mutable and owned
+    by one solve: the buffer is written in place, and the host's bookkeeping is updated in place
+    too (a copy of the state per iteration cost as much as the host solve).
     """
 
     __slots__ = (
@@ -60,26 +63,26 @@ class Memory:
         "beta",
         "capacity",
         "count",
-        "df",
-        "dg",
+        "d",
         "gamma",
         "gram",
         "initial_beta",
         "products",
         "slot",
+        "wide",
     )
 
     def __init__(self, capacity: int, mixing: float | str = 1.0) -> None:
         self.capacity = capacity
         self.adaptive = mixing == ADAPTIVE
         self.initial_beta = 1.0 if isinstance(mixing, str) else float(mixing)
-        self.df: Array | None = None
-        self.dg: Array | None = None
+        self.d: Array | None = None  # (capacity, 2, n): d[i, 0] = dG_i, d[i, 1] = dF_i
+        self.wide = False  # products of half-precision rows are taken in float32
         self.gram = [[0.0] * capacity for _ in range(capacity)]
         self.reset()
 
     def reset(self) -> None:
-        """Forget every difference (the buffers are kept for reuse), and an adaptive ``beta``."""
+        """Forget every difference (the buffer is kept for reuse), and an adaptive ``beta``."""
         self.count = 0
         self.slot = -1
         self.beta = self.initial_beta
@@ -91,64 +94,72 @@ class Memory:
         """How many differences are held."""
         return min(self.count, self.capacity)
 
-    def extend(self, xp: Namespace, f: Array, G: Array, f_prev: Array, G_prev: Array) -> None:
-        """Write the differences ``f - f_prev`` and ``G - G_prev`` into the next slot."""
-        if self.df is None or self.dg is None:
-            self.df = xp.zeros((self.capacity, f.shape[0]), dtype=f.dtype, device=array_api_compat.device(f))
-            self.dg = xp.zeros_like(self.df)
+    def newest(self) -> tuple[Array, Array]:
+        """The newest differences ``(dG, dF)`` (views of the buffer)."""
+        assert self.d is not None
+        return self.d[self.slot, 0, :], self.d[self.slot, 1, :]
+
+    def extend(self, ops: VectorOps, f: Array, G: Array, f_prev: Array, G_prev: Array) -> None:
+        """Write the differences ``G - G_prev`` and ``f - f_prev`` into the next slot."""
+        if self.d is None:
+            xp = ops.xp
+            # Uninitialised: rows are read only once written (as GMRES's basis).
+            self.d = xp.empty((self.capacity, 2, f.shape[0]), dtype=f.dtype, device=array_api_compat.device(f))
+            self.wide = widens(xp, f.dtype)
         self.slot = (self.slot + 1) % self.capacity
-        self.df[self.slot, :] = f - f_prev
-        self.dg[self.slot, :] = G - G_prev
+        ops.write_difference(self.d, (self.slot, 0), G, G_prev)
+        ops.write_difference(self.d, (self.slot, 1), f, f_prev)
         self.count += 1
         self.gamma = None
 
     def mixed(self, ops: VectorOps, f: Array, G: Array) -> Array:
         """The next iterate ``x + beta f - (dG - (1 - beta) dF) gamma``, with ``x = G - f`` (flat).
 
-        Written as ``G - dG gamma - (1 - beta) (f - dF gamma)``: matrix-vector products on the
-        buffers' rows, never a memory-sized temporary (forming ``dG - (1 - beta) dF`` cost 1.2 ms
-        a step at memory 10, n = 16384, against 40 us for the products); ``beta = 1`` reads ``dG`` only.
+        Written as ``G + (beta - 1) f - dG gamma + (1 - beta) dF gamma``: one matrix-vector product
+        on the buffer's rows (``dG`` alone when ``beta = 1``), never a memory-sized temporary.
         """
-        beta = self.beta
-        k = self.size
-        if self.gamma is None or not k or self.df is None or self.dg is None:
-            return G if beta == 1.0 else ops.axpy(beta - 1.0, f, G)
-        gamma = ops.xp.asarray(self.gamma, dtype=self.df.dtype, device=array_api_compat.device(self.df))
-        x_next = G - gamma @ self.dg[:k, :]
+        beta, k, gamma = self.beta, self.size, self.gamma
+        x = G if beta == 1.0 else ops.axpy(beta - 1.0, f, G)
+        if gamma is None or not k or self.d is None:
+            return x
         if beta == 1.0:
-            return x_next
-        return ops.axpy(beta - 1.0, f - gamma @ self.df[:k, :], x_next)
+            return ops.add_combination(x, [-g for g in gamma], self.d[:k, 0, :])
+        c = [0.0] * (2 * k)
+        c[0::2] = [-g for g in gamma]
+        c[1::2] = [(1.0 - beta) * g for g in gamma]
+        return ops.add_combination(x, c, ops.xp.reshape(self.d[:k, :, :], (2 * k, -1)))
 
     def transfer(self, ops: VectorOps, f: Array, extra: Sequence[Array] = ()) -> Array:
-        """One 1-d array for the host: ``||f||^2``, the ``extra`` values, ``||dF_new||^2``
-        (and ``<dG_new, dF_new>`` for an adaptive ``beta``), then ``dF f``.
+        """One 1-d array for the host: ``||f||^2``, the ``extra`` values, ``<dG_new, dF_new>``,
+        ``||dF_new||^2``, then ``dF f``.
 
-        One pass over the memory: the new row of the Gram matrix is ``dF (f - f_prev)``, and
-        ``dF f_prev`` came to the host in the previous transfer (the rows other than the new one
-        are unchanged), so the host forms it by a difference, and only the new diagonal entry is
-        computed here.
+        One pass over the residual differences: the new row of the Gram matrix is
+        ``dF (f - f_prev)``, and ``dF f_prev`` came to the host in the previous transfer (the rows
+        other than the new one are unchanged), so the host forms it by a difference, and only the
+        new diagonal entry is computed here.
         """
         xp = ops.xp
         sq = ops.sqnorm(f)
-        parts = [sq, *extra]
+        scalars = xp.stack([sq, *(e if e.dtype == sq.dtype else xp.astype(e, sq.dtype) for e in extra)])
         k = self.size
-        if k and self.df is not None and self.dg is not None:
-            df_new = self.df[self.slot, :]
-            parts.append(ops.sqnorm(df_new))
-            if self.adaptive:
-                parts.append(ops.dot(self.dg[self.slot, :], df_new))
-        scalars = xp.stack([p if p.dtype == sq.dtype else xp.astype(p, sq.dtype) for p in parts])
-        if not k or self.df is None:
+        if not k or self.d is None:
             return scalars
-        products = self.df[:k, :] @ f  # a matrix-vector product on contiguous rows
-        return xp.concat([scalars, products if products.dtype == sq.dtype else xp.astype(products, sq.dtype)])
+        newest = self.d[self.slot, :, :]  # (2, n): dG_new, dF_new
+        products = [self._product(newest, newest[1, :]), self._product(self.d[:k, 1, :], f)]
+        return xp.concat([scalars, *(p if p.dtype == sq.dtype else xp.astype(p, sq.dtype) for p in products)])
+
+    def _product(self, rows: Array, v: Array) -> Array:
+        """``rows @ v``, in float32 for half precisions (the rule of :func:`~rbp_core._norms.summable`)."""
+        if self.wide:
+            xp = array_api_compat.array_namespace(rows)
+            return xp.astype(rows, xp.float32) @ xp.astype(v, xp.float32)
+        return rows @ v
 
     def update(self, values: Sequence[float], regularization: float) -> bool:
         """The Gram matrix updated from a transfer's values (after ``extra``), and ``gamma`` solved.
 
-        ``values`` are ``||dF_new||^2`` (and ``<dG_new, dF_new>`` for an adaptive ``beta``) then
-        ``dF f`` (``size`` values in slot order). False when the regularised system cannot be
-        factored (the caller restarts the memory).
+        ``values`` are ``<dG_new, dF_new>``, ``||dF_new||^2`` then ``dF f`` (``size`` values in slot
+        order). False when the regularised system cannot be factored (the caller restarts the memory).
 
         The adaptive ``beta = 1 - <dG, dF> / <dF, dF>`` of the newest pair is the scalar that best
         inverts ``I - J`` along it (``1 / (1 - lambda)`` for ``J = lambda I``), kept within
@@ -158,17 +169,15 @@ class Memory:
         if k == 0:
             self.gamma = None
             return True
+        cross, diagonal = values[0], values[1]
+        if self.adaptive and diagonal > 0.0 and math.isfinite(cross / diagonal):
+            low, high = ADAPTIVE_BOUNDS
+            self.beta = min(max(1.0 - cross / diagonal, low), high)
         slot, gram, previous = self.slot, self.gram, self.products
-        start = 1
-        if self.adaptive:
-            start = 2
-            if values[0] > 0.0 and math.isfinite(values[1] / values[0]):
-                low, high = ADAPTIVE_BOUNDS
-                self.beta = min(max(1.0 - values[1] / values[0], low), high)
-        b = list(values[start : start + k])
+        b = list(values[2 : 2 + k])
         row = gram[slot]
         for i in range(k):
-            v = values[0] if i == slot else b[i] - previous[i]
+            v = diagonal if i == slot else b[i] - previous[i]
             row[i] = v
             gram[i][slot] = v
         self.products = b

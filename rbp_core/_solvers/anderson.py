@@ -174,10 +174,10 @@ class Anderson(BestIterate):
             # The newest differences, from the last point or (after a rejection, into the memory
             # restarted then) from the best: dG = F(h) - F(h') and dG - dF = h - h'.
             f_prev, G_prev = (st.best[1], st.best[2]) if st.reject and st.best is not None else (st.f, st.G)
-            mem.extend(xp, r, G, f_prev, G_prev)
+            mem.extend(ops, r, G, f_prev, G_prev)
             if st.secants is not None:
-                dg = mem.dg[mem.slot, :]  # type: ignore[index]  # extend allocated the buffers
-                extra += [ops.sqnorm(dg), ops.sqnorm(dg - mem.df[mem.slot, :])]  # type: ignore[index]
+                dg, df = mem.newest()
+                extra += [ops.sqnorm(dg), ops.sqnorm(dg - df)]
         if st.secants is not None and len(extra) == 1:  # no pair yet: two zeros keep the transfer's layout
             extra += [extra[0] * 0.0] * 2
         st.fallback, st.reject = st.reject and st.best is not None, False

@@ -113,7 +113,7 @@ class AndersonRBP:
         z = st.mem.mixed(ops, st.f, st.G)
         G = xp.reshape(A.vjp(xp.reshape(z, shape)), (-1,)) + xp.reshape(st.g, (-1,))
         f = G - z
-        st.mem.extend(xp, f, G, st.f, st.G)
+        st.mem.extend(ops, f, G, st.f, st.G)
         return replace(st, z=xp.reshape(z, shape), f=f, G=G), None, st.mem.transfer(ops, f), ()
 
     def host_update(self, st: _State, values: tuple[float, ...]) -> tuple[_State, float]:

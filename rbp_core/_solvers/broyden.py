@@ -155,8 +155,8 @@ class Broyden(BestIterate):
                 u_row = ops.axpy(inv, dx - Hdg, xp.zeros_like(dx))
                 v_row = _apply(U, V, k, dx, transpose=True)
                 if U is None or V is None:  # the method's own buffers, written in place
-                    U = xp.zeros((self.memory, dx.shape[0]), dtype=dx.dtype, device=array_api_compat.device(dx))
-                    V = xp.zeros_like(U)
+                    U = xp.empty((self.memory, dx.shape[0]), dtype=dx.dtype, device=array_api_compat.device(dx))
+                    V = xp.empty_like(U)  # rows are read only once written
                 if k >= self.memory:  # a full memory restarts from H = -I and this update
                     k = 0
                 U[k, :] = u_row

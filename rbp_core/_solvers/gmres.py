@@ -113,8 +113,9 @@ class GMRES:
             r = xp.reshape(state.r, (-1,))
             beta_sq = r @ r
             # The cycle's own (restart + 1, n) basis, filled in place row by row (a fresh one per
-            # cycle, so a kept state's rows are never overwritten).
-            V = xp.zeros((self.restart + 1, r.shape[0]), dtype=r.dtype, device=array_api_compat.device(r))
+            # cycle, so a kept state's rows are never overwritten). Uninitialised: rows are read
+            # only once written, and zeroing it cost 150 us a backward at 21 x 16384 float32.
+            V = xp.empty((self.restart + 1, r.shape[0]), dtype=r.dtype, device=array_api_compat.device(r))
             V[0, :] = r / _safe_sqrt(xp, beta_sq)
             extra.append(xp.reshape(beta_sq, (1,)))
         shape = state.g.shape
