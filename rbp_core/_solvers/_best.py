@@ -27,7 +27,21 @@ def record_best(st: Any, best: Any, residual: float, scale: float) -> Any:
 
 
 class BestIterate:
-    """The protocol members of a forward solver that returns its best evaluated iterate."""
+    """The protocol members of a forward solver that returns its best evaluated iterate.
+
+    A subclass gives ``start(h0, *, secants)``, its state before the first evaluation.
+    """
+
+    def init(
+        self,
+        f: FixedPointMap,  # noqa: ARG002 - part of the protocol
+        h0: Array,
+        ops: Any,  # noqa: ARG002 - part of the protocol
+        *,
+        secants: bool = True,
+    ) -> tuple[Any, Array, None]:
+        """Nothing evaluated yet: the first step evaluates ``F(h0)``; ``secants`` for a claimed contraction."""
+        return self.start(h0, secants=secants), h0, None  # type: ignore[attr-defined]
 
     def solution(self, f: FixedPointMap, st: Any) -> Array:  # noqa: ARG002 - part of the protocol
         """The iterate with the smallest residual."""

@@ -125,16 +125,9 @@ class Broyden(BestIterate):
         """``max_iter`` calls of ``f`` to ``max(rtol ||F(h)||, atol)``."""
         return Limits(self.max_iter, resolve_rtol(self.rtol, xp, dtype), self.atol, self.divergence_factor)
 
-    def init(
-        self,
-        f: FixedPointMap,  # noqa: ARG002 - part of the protocol
-        h0: Array,
-        ops: VectorOps,  # noqa: ARG002 - part of the protocol
-        *,
-        secants: bool = True,
-    ) -> tuple[Any, Array, Any]:
-        """Nothing evaluated yet: the first step evaluates ``F(h0)``; ``secants`` for a claimed contraction."""
-        return _State(h0=h0, secants=() if secants else None), h0, None
+    def start(self, h0: Array, *, secants: bool) -> _State:
+        """The state before the first evaluation."""
+        return _State(h0=h0, secants=() if secants else None)
 
     def step(self, f: FixedPointMap, st: _State, ops: VectorOps) -> tuple[_State, None, Array, tuple[()]]:
         """Update ``H`` with the last accepted step, then evaluate ``F`` at ``x + alpha p``."""
