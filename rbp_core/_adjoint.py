@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, Literal, TypeAlias
 
+from ._batched import sample_cotangent, solve_adjoint_samples
 from ._callbacks import CheckedCallback, namespace_of, same_kind
 from ._certificate import residual_bound
 from ._checks import check_contraction, check_instance
@@ -17,6 +18,7 @@ from ._norms import norm
 from ._operator import AdjointOperator
 from ._ops import ops_for
 from ._protocols import AdjointMethod
+from ._samples import check_batch_axis, check_takes_indices
 from ._solution import Solution, Status
 from ._typing import Array, VectorMap
 
@@ -47,6 +49,8 @@ def solve_adjoint(
     z0: Array | None = None,
     contraction: float | None = None,
     throw: bool = True,
+    batch_axis: int | None = None,
+    takes_indices: bool = False,
 ) -> Solution:
     r"""Solve :math:`(I - J^T) z = g` with ``method``, from the callbacks ``vjp`` (and ``jvp``).
 
@@ -56,8 +60,8 @@ def solve_adjoint(
         ``v -> J^T v`` for the Jacobian ``J = dF/dh`` at the fixed point. Must
         return an array of the library, shape, dtype and device of ``g``.
     g : array
-        The right-hand side, ``dL/dh*``, any shape (batch axes included: inner
-        products and norms run over all elements). Never modified.
+        The right-hand side, ``dL/dh*``, any shape. Never modified. Without
+        ``batch_axis`` inner products and norms run over all its elements.
     method : adjoint method
         :class:`~rbp_core.Neumann`, :class:`~rbp_core.OriginalRBP`,
         :class:`~rbp_core.CGRBP`, or any object with the protocol of
@@ -109,6 +113,20 @@ def solve_adjoint(
             msg = f"{label} does not take a warm start z0 (it always starts from g)"
             raise ValueError(msg)
         same_kind(xp, z0, g, "z0")
+    check_takes_indices(takes_indices, batch_axis)
+    if batch_axis is not None:
+        return solve_adjoint_samples(
+            vjp,
+            g,
+            method,
+            xp=xp,
+            jvp=jvp,
+            z0=z0,
+            contraction=mu,
+            batch_axis=batch_axis,
+            takes_indices=takes_indices,
+            throw=throw,
+        )
     A = AdjointOperator(
         xp,
         CheckedCallback(vjp, "vjp", g, xp),
@@ -235,14 +253,16 @@ def failure_cotangent(
             )
         return solution.value
     if solution.contraction_violated and on_failure != "ignore":
-        msg = (
-            f"backward solve {label}: contraction={contraction!r} was disproved by the iteration; "
-            "no error bound is certified"
-        )
-        if on_failure == "raise":
-            raise ContractionViolation(msg)
-        warnings.warn(msg, BackwardFailureWarning, stacklevel=stacklevel + 1)
+        _contraction_policy(label, contraction, on_failure, stacklevel=stacklevel + 1)
     return solution.value
+
+
+def _contraction_policy(label: str, contraction: float | None, on_failure: str, *, stacklevel: int) -> None:
+    """A disproved ``contraction`` raises (``"raise"``) or warns."""
+    msg = f"backward solve {label}: contraction={contraction!r} was disproved by the iteration; no error bound is certified"
+    if on_failure == "raise":
+        raise ContractionViolation(msg)
+    warnings.warn(msg, BackwardFailureWarning, stacklevel=stacklevel + 1)
 
 
 def implicit_backward(
@@ -256,6 +276,8 @@ def implicit_backward(
     contraction: float | None = None,
     on_failure: OnFailure = "raise",
     on_solution: Callable[[Solution], None] | None = None,
+    batch_axis: int | None = None,
+    takes_indices: bool = False,
 ) -> tuple[Any, Solution]:
     r"""The implicit backward pass that any framework's custom-gradient rule can call.
 
@@ -295,6 +317,14 @@ def implicit_backward(
     on_solution : callable, optional
         Called with the Solution before the policy applies, so that an adapter
         can record it even when the policy raises.
+    batch_axis : int, optional
+        The axis of independent samples (see :func:`solve_adjoint`). The policy
+        then applies per sample: the samples that converged keep their exact
+        adjoint whatever happens to the others; ``"skip"`` zeroes only the
+        failed samples' rows, and the messages name them.
+    takes_indices : bool
+        With ``batch_axis``: ``vjp_state`` and ``jvp_state`` take the indices of
+        the active samples (see :func:`solve_adjoint`).
 
     Returns
     -------
@@ -314,8 +344,24 @@ def implicit_backward(
     """
     check_policy(on_failure)
     method = check_method(method)
-    solution = solve_adjoint(vjp_state, g, method, jvp=jvp_state, z0=z0, contraction=contraction, throw=False)
+    solution = solve_adjoint(
+        vjp_state,
+        g,
+        method,
+        jvp=jvp_state,
+        z0=z0,
+        contraction=contraction,
+        throw=False,
+        batch_axis=batch_axis,
+        takes_indices=takes_indices,
+    )
     if on_solution is not None:
         on_solution(solution)
+    if batch_axis is not None:
+        axis = check_batch_axis(batch_axis, g, "g")
+        z = sample_cotangent(solution, g, type(method).__name__, on_failure, batch_axis=axis, stacklevel=2)
+        if solution.contraction_violated and on_failure != "ignore":
+            _contraction_policy(type(method).__name__, contraction, on_failure, stacklevel=2)
+        return vjp_params(z), solution
     z = failure_cotangent(solution, g, type(method).__name__, on_failure, contraction=contraction, stacklevel=2)
     return vjp_params(z), solution

@@ -36,7 +36,16 @@ class CheckedCallback:
 
     __slots__ = ("_device", "_dtype", "_fn", "_name", "_ok_type", "_shape", "_verb", "_xp", "calls")
 
-    def __init__(self, fn: object, name: str, like: Array, xp: Namespace, *, verb: str = "returned") -> None:
+    def __init__(
+        self,
+        fn: object,
+        name: str,
+        like: Array,
+        xp: Namespace,
+        *,
+        verb: str = "returned",
+        shape: tuple[int, ...] | None = None,
+    ) -> None:
         if not callable(fn):
             msg = f"{name} must be callable, got {type(fn).__name__}"
             raise TypeError(msg)
@@ -44,7 +53,7 @@ class CheckedCallback:
         self._name = name
         self._verb = verb
         self._xp = xp
-        self._shape = tuple(like.shape)
+        self._shape = tuple(like.shape) if shape is None else shape  # a batch's subset of samples: fewer
         self._dtype = like.dtype
         self._device = array_api_compat.device(like)
         self._ok_type: Any = None  # Any, not "type | None": no narrowing of out in __call__

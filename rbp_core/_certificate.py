@@ -26,7 +26,7 @@ from ._floats import eps, size, sum_eps
 from ._norms import norm
 from ._typing import Array, Namespace
 
-__all__ = ["fixed_point_residual_bound", "norm_slack", "residual_bound"]
+__all__ = ["fixed_point_residual_bound", "norm_slack", "residual_bound", "residual_bound_from_norms"]
 
 _HOST = 1.0 + 16 * 2.0**-53
 """Covers the rounding of the few float64 host operations that combine the norms."""
@@ -56,8 +56,16 @@ def residual_bound(
     rnorm = norm(xp, (g - z) + jz)
     znorm, jznorm = norm(xp, z), norm(xp, jz)
     check_ratio(jznorm, znorm)
-    delta = 2.0 * eps(xp, g.dtype) * (gnorm + znorm + jznorm)
-    return (rnorm + delta) * norm_slack(xp, g) * _HOST / (1.0 - mu)
+    return residual_bound_from_norms(xp, g, mu, rnorm, gnorm, znorm, jznorm)
+
+
+def residual_bound_from_norms(
+    xp: Namespace, like: Array, mu: float, rnorm: float, gnorm: float, znorm: float, jznorm: float
+) -> float:
+    """``(||r|| + delta) / (1 - mu)`` from the computed norms of ``r = g - z + J^T z``, ``g``, ``z`` and
+    ``J^T z``, for vectors of ``like``'s size and dtype (one sample's, in a batch)."""
+    delta = 2.0 * eps(xp, like.dtype) * (gnorm + znorm + jznorm)
+    return (rnorm + delta) * norm_slack(xp, like) * _HOST / (1.0 - mu)
 
 
 def fixed_point_residual_bound(xp: Namespace, like: Array, mu: float, residual: float, scale: float) -> float:

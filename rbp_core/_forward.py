@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from ._adjoint import check_method, solve_adjoint
+from ._batched import fixed_point_samples
 from ._callbacks import CheckedCallback, namespace_of, same_kind
 from ._checks import check_contraction, check_instance
 from ._floats import eps, size
@@ -15,6 +16,7 @@ from ._iterate import check_ratio, finish, iterate, settled
 from ._norms import norm
 from ._ops import ops_for
 from ._protocols import AdjointMethod, ForwardSolver
+from ._samples import check_takes_indices
 from ._solution import Solution, Status
 from ._solvers.fixed_point_iteration import FixedPointIteration
 from ._typing import Array, FixedPointMap
@@ -40,6 +42,8 @@ def fixed_point(
     *,
     contraction: float | None = None,
     throw: bool = True,
+    batch_axis: int | None = None,
+    takes_indices: bool = False,
 ) -> Solution:
     r"""Find ``h* = F(h*)`` from ``h0`` with a forward ``solver``.
 
@@ -60,13 +64,32 @@ def fixed_point(
         (:class:`~rbp_core.ContractionViolation`, or ``contraction_violated``
         with ``throw=False``).
     throw : bool
-        Raise :class:`~rbp_core.ConvergenceError` unless the solve converged.
+        Raise :class:`~rbp_core.ConvergenceError` unless the solve converged
+        (with ``batch_axis``: unless every sample did; the message names the
+        samples that failed).
+    batch_axis : int, optional
+        The axis of ``h0`` that indexes independent samples (``F`` acts on each
+        sample alone). Each sample then has its own norms, tolerance
+        (relative to its own ``||F(h)||``), status, step count, history,
+        divergence test and error bound, so its result does not depend on the
+        other samples of the batch; a sample that is done leaves the
+        iteration, frozen at its final value. The per-sample results are the
+        Solution's ``sample_*`` fields. Default None: the whole array is one
+        problem.
+    takes_indices : bool
+        With ``batch_axis``: ``f`` is called as ``f(h, indices)`` with the
+        samples still iterating only, ``indices`` an integer array of their
+        positions in the batch (to select their inputs, ``x[indices]``), and
+        returns their images, so that finished samples cost nothing. Without
+        it, ``f`` always gets the whole batch, finished samples held at their
+        final values.
 
     Returns
     -------
     Solution
-        ``value`` is the last iterate whose values were all finite;
-        ``num_f_evals`` counts the calls of ``f``.
+        ``value`` is the last iterate whose values were all finite (per
+        sample, with ``batch_axis``); ``num_f_evals`` counts the calls of
+        ``f``, ``num_sample_evals`` the samples they evaluated.
 
     Examples
     --------
@@ -79,6 +102,11 @@ def fixed_point(
     solver = check_solver(solver)
     xp = namespace_of(h0, "h0")
     mu = check_contraction(contraction)
+    check_takes_indices(takes_indices, batch_axis)
+    if batch_axis is not None:
+        return fixed_point_samples(
+            f, h0, solver, xp=xp, contraction=mu, batch_axis=batch_axis, takes_indices=takes_indices, throw=throw
+        )
     op = CheckedCallback(f, "f", h0, xp)
     limits = solver.limits(xp, h0.dtype)
     m = None if mu is None else solver.step_contraction(mu)
@@ -166,6 +194,7 @@ def implicit_gradient(
     solver: ForwardSolver | None = None,
     contraction: float | None = None,
     throw: bool = True,
+    batch_axis: int | None = None,
 ) -> ImplicitGradient:
     r"""Fixed point, adjoint solve and parameter VJP in one call, from callbacks.
 
@@ -200,6 +229,9 @@ def implicit_gradient(
     throw : bool
         Raise :class:`~rbp_core.ConvergenceError` when either solve fails;
         otherwise read the two Solutions.
+    batch_axis : int, optional
+        The axis of independent samples, for both solves (see
+        :func:`fixed_point`); the callbacks then see the whole batch.
 
     Returns
     -------
@@ -226,13 +258,15 @@ def implicit_gradient(
     if method.needs_jvp and jvp_state is None:
         msg = f"{type(method).__name__} needs jvp_state, the callback (h, v) -> (dF/dh at h) v"
         raise ValueError(msg)
-    fwd = fixed_point(f, h0, check_solver(solver), contraction=contraction, throw=throw)
+    fwd = fixed_point(f, h0, check_solver(solver), contraction=contraction, throw=throw, batch_axis=batch_axis)
     h = fwd.value
     g = loss_grad(h) if callable(loss_grad) else loss_grad
     # Like h* in library, shape, dtype and device: a broadcastable or promotable g would give the
     # gradient of another problem (or an error that blames the state).
     same_kind(namespace_of(h, "h0"), g, h, "loss_grad(h*)" if callable(loss_grad) else "loss_grad")
     jvp = None if jvp_state is None else (lambda v: jvp_state(h, v))
-    bwd = solve_adjoint(lambda v: vjp_state(h, v), g, method, jvp=jvp, contraction=contraction, throw=throw)
+    bwd = solve_adjoint(
+        lambda v: vjp_state(h, v), g, method, jvp=jvp, contraction=contraction, throw=throw, batch_axis=batch_axis
+    )
     gradient = vjp_params(h, bwd.value)
     return ImplicitGradient(value=h, gradient=gradient, forward=fwd, backward=bwd)

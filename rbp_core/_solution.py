@@ -71,6 +71,24 @@ class Solution:
         Calls of ``f`` in a forward solve (0 for an adjoint solve).
     stats : Mapping
         Counts that only some solvers have, by name (read-only).
+    num_sample_evals : int
+        With ``batch_axis``: the samples evaluated by the callbacks in all (each call counts the
+        samples it was given: all of the batch, or only the active ones with ``takes_indices``).
+    sample_status : tuple of Status or None
+        With ``batch_axis``: each sample's status, in batch order (None without). The batch's
+        :attr:`!status` is SUCCESS when every sample converged, else the first of NONFINITE,
+        DIVERGED, BREAKDOWN and MAX_STEPS that a sample ended with; :attr:`!note` names the
+        samples that failed.
+    sample_num_steps : tuple of int or None
+        With ``batch_axis``: each sample's iterations (:attr:`!num_steps` is the largest).
+    sample_residual_norms : tuple of tuple of float, or None
+        With ``batch_axis``: each sample's monitored norms (:attr:`!residual_norms` holds, per
+        iteration, the largest of the samples still iterating).
+    sample_tolerance : tuple of float or None
+        With ``batch_axis``: each sample's threshold (:attr:`!tolerance` is the largest).
+    sample_error_bound : tuple of float or None
+        With ``batch_axis`` and a ``contraction``: each sample's error bound, on the 2-norm of its
+        own error (:attr:`!error_bound` is the largest).
     """
 
     value: Any
@@ -86,11 +104,24 @@ class Solution:
     num_f_evals: int = 0
     contraction_violated: bool = False
     stats: Mapping[str, object] = field(default_factory=lambda: types.MappingProxyType({}))
+    num_sample_evals: int = 0
+    sample_status: tuple[Status, ...] | None = None
+    sample_num_steps: tuple[int, ...] | None = None
+    sample_residual_norms: tuple[tuple[float, ...], ...] | None = None
+    sample_tolerance: tuple[float | None, ...] | None = None
+    sample_error_bound: tuple[float | None, ...] | None = None
 
     @property
     def converged(self) -> bool:
         """True when :attr:`!status` is :attr:`Status.SUCCESS`."""
         return self.status is Status.SUCCESS
+
+    @property
+    def failed_samples(self) -> tuple[int, ...]:
+        """With ``batch_axis``: the positions of the samples that did not converge (empty without)."""
+        if self.sample_status is None:
+            return ()
+        return tuple(i for i, st in enumerate(self.sample_status) if st is not Status.SUCCESS)
 
     def describe(self) -> str:
         """One line that says what happened, for logs and error messages."""

@@ -1,0 +1,350 @@
+"""The driver of a batch of independent samples: each its own stopping test, status, history and bound.
+
+:func:`iterate_samples` runs a solver's ``init``/``step`` on the ``(b, m)`` rows of the samples
+still iterating (:mod:`rbp_core._samples`). Per iteration it brings every monitored per-row norm to
+the host in one transfer and applies to each sample the tests :func:`rbp_core._iterate.iterate`
+applies to a whole solve: tolerance, budget, divergence, finiteness, breakdown and the claimed
+contraction. A sample that is done leaves the rows: its final value is kept (never written in
+place into anything of the caller's), the solver's state is cut to the remaining rows, and the
+callbacks evaluate only those from then on. :func:`finish_samples` builds the Solution with the
+per-sample results and a summary for the batch.
+
+Solvers whose host logic is per solve (a small least-squares problem on the host, an iterate
+formed on request, a confirmation of the true residual) have no per-sample form yet and are
+refused with their name; see :func:`check_batchable`.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import array_api_compat
+
+from ._errors import ContractionViolation, ConvergenceError
+from ._iterate import Limits
+from ._samples import RowOps, SampleCallback, index_array
+from ._solution import Solution, Status
+from ._typing import Array
+
+__all__ = ["SampleOutcome", "check_batchable", "finish_samples", "iterate_samples"]
+
+SEVERITY = (Status.NONFINITE, Status.DIVERGED, Status.BREAKDOWN, Status.MAX_STEPS)
+"""The batch's status is the first of these that a sample ended with (SUCCESS when all converged)."""
+
+_NAMED = 10
+"""How many failing samples the note names before it counts the rest."""
+
+
+def check_batchable(solver: object, label: str) -> None:
+    """Refuse a solver with no per-sample form, naming it and what works instead."""
+    host = [m for m in ("host_update", "confirm", "solution") if getattr(solver, m, None) is not None]
+    if host:
+        msg = (
+            f"{label} does not take batch_axis yet: its {', '.join(host)} works on the whole batch, not per "
+            "sample. Per sample, use FixedPointIteration forward and Neumann, OriginalRBP or CGRBP backward, "
+            "or solve without batch_axis"
+        )
+        raise NotImplementedError(msg)
+
+
+@dataclass
+class SampleOutcome:
+    """What the loop found for each sample (in the units of the solve), and the final rows ``(B, m)``."""
+
+    value: Array
+    status: list[Status]
+    history: list[list[float]]
+    threshold: list[float | None]
+    last: list[tuple[float, ...]]
+    previous_scale: list[float]
+    notes: list[str]
+    observed_ratio: float = 0.0
+    violated: bool = False
+    stats: dict[str, object] = field(default_factory=dict)
+
+
+def compact(state: Any, keep: Array, b: int) -> Any:
+    """``state`` with only the rows ``keep`` of each of its arrays that has ``b`` rows (tuples and lists walked)."""
+    if isinstance(state, tuple | list):
+        return type(state)(compact(s, keep, b) for s in state)
+    if array_api_compat.is_array_api_obj(state) and state.ndim >= 1 and state.shape[0] == b:
+        return array_api_compat.array_namespace(state).take(state, keep, axis=0)
+    return state
+
+
+class _Finals:
+    """The final rows of the samples that are done, in one ``(B, m)`` array updated by whole blocks."""
+
+    __slots__ = ("rows", "xp")
+
+    def __init__(self, rows: Array) -> None:
+        self.xp = array_api_compat.array_namespace(rows)
+        self.rows = rows
+
+    def put(self, samples: Sequence[int], block: Array) -> None:
+        """Rows ``samples`` become ``block``'s rows (a new array: nothing is written in place)."""
+        xp, batch = self.xp, self.rows.shape[0]
+        where = dict(zip(samples, range(batch, batch + len(samples)), strict=True))
+        gather = index_array(xp, [where.get(s, s) for s in range(batch)], block)
+        self.rows = xp.take(xp.concat([self.rows, block]), gather, axis=0)
+
+
+def iterate_samples(
+    solver: object,
+    problem: object,
+    start: tuple[object, Array, tuple[Sequence[Array], Any] | None],
+    *,
+    ops: RowOps,
+    callbacks: Sequence[SampleCallback],
+    active: list[int],
+    finals: Array,
+    forward: bool,
+    limits: Limits,
+    scale: list[float],
+    ratio_bound: float | None,
+    slack: list[float],
+    rel_slack: float,
+    unit: float = 1.0,
+    settled: dict[int, tuple[Status, list[float]]] | None = None,
+) -> SampleOutcome:
+    """Run ``solver`` on the rows of the samples ``active`` (positions in the batch) until each has a status.
+
+    ``finals`` holds every sample's row to begin with (the start of a forward solve, zeros for an
+    adjoint one); ``settled`` the samples that needed no iteration, with their status and history.
+    ``scale`` and ``slack`` are per sample (all of the batch); with ``forward`` the scale of each
+    sample's relative test is the norm of its new iterate, the second monitored norm.
+    """
+    xp = ops.xp
+    batch = len(scale)
+    status: list[Status | None] = [None] * batch
+    history: list[list[float]] = [[] for _ in range(batch)]
+    notes = [""] * batch
+    last: list[tuple[float, ...]] = [()] * batch
+    previous = list(scale)
+    for s, (st, hist) in (settled or {}).items():
+        status[s], history[s] = st, list(hist)
+    rtol, factor, max_steps = limits.rtol, limits.divergence_factor, limits.max_steps
+    atol = limits.atol / unit
+    thr = [-1.0 if rtol is None else max(rtol * sc, atol) for sc in scale]
+    fac = math.inf if factor is None else factor
+    successive = bool(getattr(solver, "successive_images", False)) and ratio_bound is not None
+    bound = ratio_bound if successive and ratio_bound is not None else -1.0
+    breakdown = getattr(solver, "breakdown", None)
+    best = [math.inf] * batch
+    prev = [-1.0] * batch
+    observed = 0.0
+    violated = False
+    done = _Finals(finals)
+    state, x, first = start
+
+    def finalize(ended: list[tuple[int, int]], new: Array, old: Array) -> None:
+        """Keep the rows of the samples that ended (position, 1 for the new iterate or 0 for the old)."""
+        for source, which in ((new, 1), (old, 0)):
+            pos = [p for p, w in ended if w == which]
+            if pos:
+                done.put([active[p] for p in pos], xp.take(source, index_array(xp, pos, source), axis=0))
+
+    if first is not None:
+        cols = ops.to_host(first[0])
+        start_is_iteration = getattr(solver, "start_is_iteration", False)
+        ended: list[tuple[int, int]] = []
+        for i, s in enumerate(active):
+            r = _norm(ops, cols[0][i], first[1][0], i)
+            if start_is_iteration:
+                history[s].append(r)
+                if not math.isfinite(r):
+                    status[s] = Status.NONFINITE
+                elif r <= thr[s]:
+                    status[s] = Status.SUCCESS
+                best[s] = r
+            elif not math.isfinite(r):
+                history[s].append(r)
+                status[s] = Status.NONFINITE
+            elif r <= thr[s]:
+                status[s] = Status.SUCCESS
+            else:
+                best[s] = r
+            prev[s] = r
+            if status[s] is None and len(history[s]) >= max_steps:
+                status[s] = Status.SUCCESS if rtol is None else Status.MAX_STEPS
+            if status[s] is not None:
+                ended.append((i, 1))
+        finalize(ended, x, x)
+        state, x, active = _leave(state, x, active, ended, callbacks, done)
+    elif max_steps <= 0:
+        status_all = Status.SUCCESS if rtol is None else Status.MAX_STEPS
+        for s in active:
+            status[s] = status_all
+        active = []
+
+    while active:
+        state, x_new, sqs, vectors = solver.step(problem, state, ops)  # type: ignore[attr-defined]
+        cols = ops.to_host(sqs)  # the one transfer of this iteration
+        ended = []
+        for i, s in enumerate(active):
+            r = _norm(ops, cols[0][i], vectors[0], i)
+            if forward:
+                hn = _norm(ops, cols[1][i], vectors[1], i)
+                last[s] = (r, hn)
+                previous[s], scale[s] = scale[s], hn
+                if rtol is not None:
+                    thr[s] = max(rtol * hn, atol)
+                if not hn < math.inf:
+                    r = math.nan
+                slack[s] = rel_slack * hn
+            else:
+                last[s] = (r,)
+            p = prev[s]
+            if breakdown is not None and p >= 0.0 and not r <= p:
+                one = index_array(xp, [i], x_new)
+                if breakdown(problem, compact(state, one, len(active))):
+                    history[s].append(p)
+                    status[s] = Status.BREAKDOWN
+                    ended.append((i, 0))
+                    continue
+            if not r < math.inf:
+                history[s].append(r)
+                status[s] = Status.NONFINITE
+                ended.append((i, 0))
+                continue
+            history[s].append(r)
+            if bound >= 0.0 and p > 0.0:
+                observed = max(observed, r / p)
+                if r > bound * p * (1.0 + rel_slack) + slack[s]:
+                    violated = True
+            prev[s] = r
+            if r <= thr[s]:
+                status[s] = Status.SUCCESS
+            elif r > fac * best[s]:
+                notes[s] = (
+                    f"it reached {r * unit:.3e}, {r / best[s]:.3g} times its smallest {best[s] * unit:.3e} "
+                    f"(divergence_factor={fac:g})"
+                )
+                status[s] = Status.DIVERGED
+            else:
+                best[s] = min(best[s], r)
+                if len(history[s]) >= max_steps:
+                    status[s] = Status.SUCCESS if rtol is None else Status.MAX_STEPS
+            if status[s] is not None:
+                ended.append((i, 1))
+        finalize(ended, x_new, x)
+        state, x, active = _leave(state, x_new, active, ended, callbacks, done)
+
+    stats = getattr(solver, "stats", None)
+    return SampleOutcome(
+        value=done.rows,
+        status=[Status.SUCCESS if st is None else st for st in status],
+        history=history,
+        threshold=[None if rtol is None else t for t in thr],
+        last=last,
+        previous_scale=previous,
+        notes=notes,
+        observed_ratio=observed,
+        violated=violated,
+        stats={} if stats is None else dict(stats(state)),
+    )
+
+
+def _norm(ops: RowOps, sq: float, vectors: tuple[Array, Array | None], i: int) -> float:
+    """Row ``i``'s norm from its sum of squares ``sq``; the rows themselves only when ``sq`` is 0, inf or NaN."""
+    if 0.0 < sq < math.inf:
+        return math.sqrt(sq)
+    x, minus = vectors
+    return ops.row_norm(sq, x[i, :], None if minus is None else minus[i, :])
+
+
+def _leave(
+    state: Any,
+    x: Array,
+    active: list[int],
+    ended: list[tuple[int, int]],
+    callbacks: Sequence[SampleCallback],
+    done: _Finals,
+) -> tuple[Any, Array, list[int]]:
+    """The samples that ended leave: the state and iterate keep the other rows, the callbacks the other samples."""
+    if not ended:
+        return state, x, active
+    gone = {p for p, _ in ended}
+    keep = [p for p in range(len(active)) if p not in gone]
+    remaining = [active[p] for p in keep]
+    if not remaining:
+        return state, x, remaining
+    xp = array_api_compat.array_namespace(x)
+    rows = index_array(xp, keep, x)
+    for cb in callbacks:
+        cb.set_active(remaining, done.rows, x)
+    return compact(state, rows, len(active)), xp.take(x, rows, axis=0), remaining
+
+
+def finish_samples(
+    outcome: SampleOutcome,
+    *,
+    name: str,
+    ratio_bound: float | None,
+    contraction: float | None = None,
+    num_vjp: int = 0,
+    num_jvp: int = 0,
+    num_f_evals: int = 0,
+    num_sample_evals: int = 0,
+    error_bounds: Sequence[float | None] | None = None,
+    value: Array,
+    unit: float = 1.0,
+    throw: bool,
+) -> Solution:
+    """The Solution of a batch: per-sample results and their summary; raise if asked and a sample failed."""
+    if outcome.violated:
+        if throw:
+            claim = ratio_bound if contraction is None else contraction
+            msg = (
+                f"{name}: contraction={claim!r} is false: a sample's iteration saw a ratio ||J^T v|| / ||v|| = "
+                f"{outcome.observed_ratio:.6g} > {ratio_bound:.6g}, so no error bound can be certified. Give a "
+                "true upper bound on ||J||_2 or none."
+            )
+            raise ContractionViolation(msg)
+        error_bounds = None
+    statuses = tuple(outcome.status)
+    bounds: tuple[float | None, ...] = (
+        tuple(None if b is None or not math.isfinite(b) else b * unit for b in error_bounds)
+        if error_bounds is not None
+        else (None,) * len(statuses)
+    )
+    failed = [s for s, st in enumerate(statuses) if st is not Status.SUCCESS]
+    status = next((st for st in SEVERITY if st in statuses), Status.SUCCESS)
+    longest = max((len(h) for h in outcome.history), default=0)
+    summary = tuple(
+        max(h[t] for h in outcome.history if len(h) > t) * unit for t in range(longest)
+    )  # the largest residual among the samples still iterating
+    thresholds = tuple(None if t is None else t * unit for t in outcome.threshold)
+    named = ", ".join(
+        f"{s} ({statuses[s].name}{': ' + outcome.notes[s] if outcome.notes[s] else ''})" for s in failed[:_NAMED]
+    )
+    more = f" and {len(failed) - _NAMED} more" if len(failed) > _NAMED else ""
+    note = f"{len(failed)} of {len(statuses)} samples did not converge: {named}{more}" if failed else ""
+    solution = Solution(
+        value=value,
+        status=status,
+        method=name,
+        num_steps=longest,
+        num_vjp=num_vjp,
+        num_jvp=num_jvp,
+        residual_norms=summary,
+        tolerance=None if any(t is None for t in thresholds) else max(thresholds, default=None),  # type: ignore[type-var]
+        error_bound=None if any(b is None for b in bounds) else max(bounds, default=None),  # type: ignore[type-var]
+        note=note,
+        num_f_evals=num_f_evals,
+        contraction_violated=outcome.violated,
+        stats=types.MappingProxyType(dict(outcome.stats)),
+        num_sample_evals=num_sample_evals,
+        sample_status=statuses,
+        sample_num_steps=tuple(len(h) for h in outcome.history),
+        sample_residual_norms=tuple(tuple(r * unit for r in h) for h in outcome.history),
+        sample_tolerance=thresholds,
+        sample_error_bound=bounds,
+    )
+    if throw and not solution.converged:
+        raise ConvergenceError(solution)
+    return solution
