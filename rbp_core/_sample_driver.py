@@ -20,6 +20,8 @@ import math
 import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import gt, le, mul
 from typing import Any
 
 import array_api_compat
@@ -125,8 +127,8 @@ def iterate_samples(
     notes = [""] * batch
     last: list[tuple[float, ...]] = [()] * batch
     previous = list(scale)
-    for s, (st, hist) in (settled or {}).items():
-        status[s], history[s] = st, list(hist)
+    for s, (st, settled_history) in (settled or {}).items():
+        status[s], history[s] = st, list(settled_history)
     rtol, factor, max_steps = limits.rtol, limits.divergence_factor, limits.max_steps
     atol = limits.atol / unit
     thr = [-1.0 if rtol is None else max(rtol * sc, atol) for sc in scale]
@@ -134,15 +136,26 @@ def iterate_samples(
     successive = bool(getattr(solver, "successive_images", False)) and ratio_bound is not None
     bound = ratio_bound if successive and ratio_bound is not None else -1.0
     breakdown = getattr(solver, "breakdown", None)
-    best = [math.inf] * batch
-    prev = [-1.0] * batch
     observed = 0.0
     violated = False
     done = _Finals(finals)
     state, x, first = start
+    # Per active sample, aligned with ``active``: its history, threshold, smallest and last residual,
+    # scale (and the one before), slack of the contraction check, and last monitored norms.
+    hist: list[list[float]] = [history[s] for s in active]
+    a_thr = [thr[s] for s in active]
+    a_best = [math.inf] * len(active)
+    a_prev = [-1.0] * len(active)
+    a_scale = [scale[s] for s in active]
+    a_before = list(a_scale)
+    a_slack = [slack[s] for s in active]
+    a_last: list[tuple[float, ...]] = [()] * len(active)
 
-    def finalize(ended: list[tuple[int, int]], new: Array, old: Array) -> None:
-        """Keep the rows of the samples that ended (position, 1 for the new iterate or 0 for the old)."""
+    def end(ended: list[tuple[int, int]], new: Array, old: Array) -> None:
+        """Record the samples that ended (position, 1 for the new iterate or 0 for the old) and keep their rows."""
+        for p, _ in ended:
+            s = active[p]
+            thr[s], last[s], previous[s] = a_thr[p], a_last[p], a_before[p]
         for source, which in ((new, 1), (old, 0)):
             pos = [p for p, w in ended if w == which]
             if pos:
@@ -158,81 +171,117 @@ def iterate_samples(
                 history[s].append(r)
                 if not math.isfinite(r):
                     status[s] = Status.NONFINITE
-                elif r <= thr[s]:
+                elif r <= a_thr[i]:
                     status[s] = Status.SUCCESS
-                best[s] = r
+                a_best[i] = r
             elif not math.isfinite(r):
                 history[s].append(r)
                 status[s] = Status.NONFINITE
-            elif r <= thr[s]:
+            elif r <= a_thr[i]:
                 status[s] = Status.SUCCESS
             else:
-                best[s] = r
-            prev[s] = r
+                a_best[i] = r
+            a_prev[i] = r
             if status[s] is None and len(history[s]) >= max_steps:
                 status[s] = Status.SUCCESS if rtol is None else Status.MAX_STEPS
             if status[s] is not None:
                 ended.append((i, 1))
-        finalize(ended, x, x)
-        state, x, active = _leave(state, x, active, ended, callbacks, done)
+        end(ended, x, x)
+        keep = _kept(len(active), ended)
+        hist, a_thr, a_best, a_prev, a_scale, a_before, a_slack, a_last = _select(
+            keep, hist, a_thr, a_best, a_prev, a_scale, a_before, a_slack, a_last
+        )
+        state, x, active = _leave(state, x, active, keep, callbacks, done)
     elif max_steps <= 0:
-        status_all = Status.SUCCESS if rtol is None else Status.MAX_STEPS
         for s in active:
-            status[s] = status_all
+            status[s] = Status.SUCCESS if rtol is None else Status.MAX_STEPS
         active = []
+    count = len(history[active[0]]) if active else 0  # every active sample has run as many steps
 
     while active:
         state, x_new, sqs, vectors = solver.step(problem, state, ops)  # type: ignore[attr-defined]
         cols = ops.to_host(sqs)  # the one transfer of this iteration
+        count += 1
+        rs = list(map(math.sqrt, cols[0]))  # a NaN stays NaN, an inf inf: the screen below sends both on
+        # The common step, for the batch at once: every norm positive and finite, no sample at its
+        # tolerance, budget, divergence or breakdown test, no contraction to check. It keeps only
+        # what a later step reads (histories, last residuals, scales, smallest residuals); what a
+        # sample reports when it ends is set by the step that ends it, below.
+        if bound < 0.0 and count < max_steps and min(rs) > 0.0 and math.isfinite(sum(rs)):
+            if forward:
+                hns = list(map(math.sqrt, cols[1]))
+                fast = min(hns) > 0.0 and math.isfinite(sum(hns))
+                if fast and rtol is not None:
+                    fast = min(rs) > atol and not any(map(le, rs, map(mul, hns, repeat(rtol))))
+            else:
+                fast = not any(map(le, rs, a_thr))
+            if fast and fac < math.inf:
+                fast = not any(map(gt, rs, map(mul, a_best, repeat(fac))))
+            if fast and breakdown is not None and count > 1:
+                fast = not any(map(gt, rs, a_prev))
+            if fast:
+                for h, r in zip(hist, rs, strict=True):
+                    h.append(r)
+                a_prev = rs
+                if fac < math.inf:
+                    a_best = list(map(min, a_best, rs))
+                if forward:
+                    a_before, a_scale = a_scale, hns
+                x = x_new
+                continue
         ended = []
         for i, s in enumerate(active):
             r = _norm(ops, cols[0][i], vectors[0], i)
             if forward:
                 hn = _norm(ops, cols[1][i], vectors[1], i)
-                last[s] = (r, hn)
-                previous[s], scale[s] = scale[s], hn
+                a_last[i] = (r, hn)
+                a_before[i], a_scale[i] = a_scale[i], hn
                 if rtol is not None:
-                    thr[s] = max(rtol * hn, atol)
+                    a_thr[i] = max(rtol * hn, atol)
                 if not hn < math.inf:
                     r = math.nan
-                slack[s] = rel_slack * hn
+                a_slack[i] = rel_slack * hn
             else:
-                last[s] = (r,)
-            p = prev[s]
+                a_last[i] = (r,)
+            p = a_prev[i]
             if breakdown is not None and p >= 0.0 and not r <= p:
                 one = index_array(xp, [i], x_new)
                 if breakdown(problem, compact(state, one, len(active))):
-                    history[s].append(p)
+                    hist[i].append(p)
                     status[s] = Status.BREAKDOWN
                     ended.append((i, 0))
                     continue
             if not r < math.inf:
-                history[s].append(r)
+                hist[i].append(r)
                 status[s] = Status.NONFINITE
                 ended.append((i, 0))
                 continue
-            history[s].append(r)
+            hist[i].append(r)
             if bound >= 0.0 and p > 0.0:
                 observed = max(observed, r / p)
-                if r > bound * p * (1.0 + rel_slack) + slack[s]:
+                if r > bound * p * (1.0 + rel_slack) + a_slack[i]:
                     violated = True
-            prev[s] = r
-            if r <= thr[s]:
+            a_prev[i] = r
+            if r <= a_thr[i]:
                 status[s] = Status.SUCCESS
-            elif r > fac * best[s]:
+            elif r > fac * a_best[i]:
                 notes[s] = (
-                    f"it reached {r * unit:.3e}, {r / best[s]:.3g} times its smallest {best[s] * unit:.3e} "
+                    f"it reached {r * unit:.3e}, {r / a_best[i]:.3g} times its smallest {a_best[i] * unit:.3e} "
                     f"(divergence_factor={fac:g})"
                 )
                 status[s] = Status.DIVERGED
             else:
-                best[s] = min(best[s], r)
-                if len(history[s]) >= max_steps:
+                a_best[i] = min(a_best[i], r)
+                if count >= max_steps:
                     status[s] = Status.SUCCESS if rtol is None else Status.MAX_STEPS
             if status[s] is not None:
                 ended.append((i, 1))
-        finalize(ended, x_new, x)
-        state, x, active = _leave(state, x_new, active, ended, callbacks, done)
+        end(ended, x_new, x)
+        keep = _kept(len(active), ended)
+        hist, a_thr, a_best, a_prev, a_scale, a_before, a_slack, a_last = _select(
+            keep, hist, a_thr, a_best, a_prev, a_scale, a_before, a_slack, a_last
+        )
+        state, x, active = _leave(state, x_new, active, keep, callbacks, done)
 
     stats = getattr(solver, "stats", None)
     return SampleOutcome(
@@ -249,6 +298,17 @@ def iterate_samples(
     )
 
 
+def _select(keep: list[int], *lists: list[Any]) -> tuple[list[Any], ...]:
+    """Each of ``lists`` at the positions ``keep``."""
+    return tuple([v[p] for p in keep] for v in lists)
+
+
+def _kept(b: int, ended: list[tuple[int, int]]) -> list[int]:
+    """The positions of the ``b`` active samples that did not end."""
+    gone = {p for p, _ in ended}
+    return [p for p in range(b) if p not in gone]
+
+
 def _norm(ops: RowOps, sq: float, vectors: tuple[Array, Array | None], i: int) -> float:
     """Row ``i``'s norm from its sum of squares ``sq``; the rows themselves only when ``sq`` is 0, inf or NaN."""
     if 0.0 < sq < math.inf:
@@ -261,15 +321,13 @@ def _leave(
     state: Any,
     x: Array,
     active: list[int],
-    ended: list[tuple[int, int]],
+    keep: list[int],
     callbacks: Sequence[SampleCallback],
     done: _Finals,
 ) -> tuple[Any, Array, list[int]]:
-    """The samples that ended leave: the state and iterate keep the other rows, the callbacks the other samples."""
-    if not ended:
+    """Only the samples at positions ``keep`` go on: the state, the iterate and the callbacks keep their rows."""
+    if len(keep) == len(active):
         return state, x, active
-    gone = {p for p, _ in ended}
-    keep = [p for p in range(len(active)) if p not in gone]
     remaining = [active[p] for p in keep]
     if not remaining:
         return state, x, remaining
@@ -315,9 +373,10 @@ def finish_samples(
     failed = [s for s, st in enumerate(statuses) if st is not Status.SUCCESS]
     status = next((st for st in SEVERITY if st in statuses), Status.SUCCESS)
     longest = max((len(h) for h in outcome.history), default=0)
-    summary = tuple(
-        max(h[t] for h in outcome.history if len(h) > t) * unit for t in range(longest)
-    )  # the largest residual among the samples still iterating
+    largest = [-math.inf] * longest  # per iteration, the largest residual of the samples still iterating
+    for h in outcome.history:
+        largest[: len(h)] = map(max, largest[: len(h)], h)
+    summary = tuple(r * unit for r in largest)
     thresholds = tuple(None if t is None else t * unit for t in outcome.threshold)
     named = ", ".join(
         f"{s} ({statuses[s].name}{': ' + outcome.notes[s] if outcome.notes[s] else ''})" for s in failed[:_NAMED]

@@ -102,11 +102,11 @@ class RowOps(VectorOps):
     def sqnorm(self, x: Array) -> Array:
         """``||x_i||^2`` for each row, a ``(b,)`` array."""
         w = self._wide(x)
-        return self.xp.vecdot(w, w)
+        return self.xp.sum(w * w, axis=-1)
 
     def dot(self, x: Array, y: Array) -> Array:
         """``<x_i, y_i>`` for each row, a ``(b,)`` array."""
-        return self.xp.vecdot(self._wide(x), self._wide(y))
+        return self.xp.sum(self._wide(x) * self._wide(y), axis=-1)
 
     def _scalar(self, alpha: Array | float, x: Array) -> Array | float:
         if isinstance(alpha, float):
