@@ -22,7 +22,7 @@ from ._floats import eps, scale_pow2, unit_scale
 from ._norms import norm
 from ._operator import AdjointOperator
 from ._protocols import AdjointMethod, ForwardSolver
-from ._sample_driver import check_batchable, finish_samples, iterate_samples
+from ._sample_driver import finish_samples, iterate_samples, per_sample
 from ._samples import RowOps, SampleCallback, SampleLayout, check_batch_axis, index_array
 from ._solution import Solution, Status
 from ._typing import Array, Namespace
@@ -52,7 +52,7 @@ def fixed_point_samples(
     throw: bool,
 ) -> Solution:
     """:func:`rbp_core.fixed_point` with a batch axis: every sample on its own."""
-    check_batchable(solver, type(solver).__name__)
+    solver = per_sample(solver, type(solver).__name__)
     layout = SampleLayout(xp, h0, check_batch_axis(batch_axis, h0, "h0"))
     ops = RowOps(xp)
     rows0 = layout.rows(h0)
@@ -85,14 +85,19 @@ def fixed_point_samples(
         slack=[root_eps * h for h in hnorms],
         rel_slack=root_eps,
         settled=settled,
+        keep_states=mu is not None,
     )
     bounds = None
     if mu is not None and layout.batch:
+        pairs = getattr(solver, "sample_pairs", None)
+        if pairs is not None and outcome.final_state is not None:
+            scale = max((h for h in hnorms + outcome.previous_scale if math.isfinite(h)), default=0.0)
+            _check_pairs(ops, pairs(outcome.final_state), outcome, mu, root_eps * scale, root_eps)
         like = rows0[0, :]
         bounds = [
             None
             if st is Status.NONFINITE or not last
-            else solver.error_bound(xp, like, mu, last, outcome.previous_scale[s], None)
+            else solver.error_bound(xp, like, mu, last, outcome.previous_scale[s], outcome.states.get(s))
             for s, (st, last) in enumerate(zip(outcome.status, outcome.last, strict=True))
         ]
         bounds = [0.0 if s in settled and outcome.status[s] is Status.SUCCESS else b for s, b in enumerate(bounds)]
@@ -126,7 +131,7 @@ def solve_adjoint_samples(
     throw: bool,
 ) -> Solution:
     """:func:`rbp_core.solve_adjoint` with a batch axis: every sample on its own."""
-    check_batchable(method, type(method).__name__)
+    method = per_sample(method, type(method).__name__)
     layout = SampleLayout(xp, g, check_batch_axis(batch_axis, g, "g"))
     ops = RowOps(xp)
     mu = contraction

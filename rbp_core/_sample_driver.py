@@ -32,7 +32,7 @@ from ._samples import RowOps, SampleCallback, index_array
 from ._solution import Solution, Status
 from ._typing import Array
 
-__all__ = ["SampleOutcome", "check_batchable", "finish_samples", "iterate_samples"]
+__all__ = ["SampleOutcome", "check_batchable", "finish_samples", "iterate_samples", "per_sample"]
 
 SEVERITY = (Status.NONFINITE, Status.DIVERGED, Status.BREAKDOWN, Status.MAX_STEPS)
 """The batch's status is the first of these that a sample ended with (SUCCESS when all converged)."""
@@ -41,14 +41,23 @@ _NAMED = 10
 """How many failing samples the note names before it counts the rest."""
 
 
+def per_sample(solver: Any, label: str) -> Any:
+    """The solver that runs per sample: its ``per_sample()`` form if it has one, else itself if it can."""
+    form = getattr(solver, "per_sample", None)
+    if form is not None:
+        return form()
+    check_batchable(solver, label)
+    return solver
+
+
 def check_batchable(solver: object, label: str) -> None:
     """Refuse a solver with no per-sample form, naming it and what works instead."""
     host = [m for m in ("host_update", "confirm", "solution") if getattr(solver, m, None) is not None]
     if host:
         msg = (
             f"{label} does not take batch_axis yet: its {', '.join(host)} works on the whole batch, not per "
-            "sample. Per sample, use FixedPointIteration forward and Neumann, OriginalRBP or CGRBP backward, "
-            "or solve without batch_axis"
+            "sample. Per sample, use FixedPointIteration or Anderson forward and Neumann, OriginalRBP or "
+            "CGRBP backward, or solve without batch_axis"
         )
         raise NotImplementedError(msg)
 
@@ -67,10 +76,16 @@ class SampleOutcome:
     observed_ratio: float = 0.0
     violated: bool = False
     stats: dict[str, object] = field(default_factory=dict)
+    states: dict[int, Any] = field(default_factory=dict)  # each sample's row of its last state (keep_states)
+    final_state: Any = None
 
 
 def compact(state: Any, keep: Array, b: int) -> Any:
-    """``state`` with only the rows ``keep`` of each of its arrays that has ``b`` rows (tuples and lists walked)."""
+    """``state`` with only the rows ``keep`` of each of its arrays that has ``b`` rows (tuples and lists
+    walked; an object with a ``compact(keep, b)`` method does it itself)."""
+    own = getattr(state, "compact", None)
+    if own is not None:
+        return own(keep, b)
     if isinstance(state, tuple | list):
         return type(state)(compact(s, keep, b) for s in state)
     if array_api_compat.is_array_api_obj(state) and state.ndim >= 1 and state.shape[0] == b:
@@ -112,13 +127,16 @@ def iterate_samples(
     rel_slack: float,
     unit: float = 1.0,
     settled: dict[int, tuple[Status, list[float]]] | None = None,
+    keep_states: bool = False,
 ) -> SampleOutcome:
     """Run ``solver`` on the rows of the samples ``active`` (positions in the batch) until each has a status.
 
     ``finals`` holds every sample's row to begin with (the start of a forward solve, zeros for an
     adjoint one); ``settled`` the samples that needed no iteration, with their status and history.
     ``scale`` and ``slack`` are per sample (all of the batch); with ``forward`` the scale of each
-    sample's relative test is the norm of its new iterate, the second monitored norm.
+    sample's relative test is the norm of its new iterate, the second monitored norm. With
+    ``keep_states`` the outcome holds each sample's row of the state it ended with (for its
+    certificate).
     """
     xp = ops.xp
     batch = len(scale)
@@ -139,6 +157,7 @@ def iterate_samples(
     observed = 0.0
     violated = False
     done = _Finals(finals)
+    states: dict[int, Any] = {}
     state, x, first = start
     # Per active sample, aligned with ``active``: its history, threshold, smallest and last residual,
     # scale (and the one before), slack of the contraction check, and last monitored norms.
@@ -156,6 +175,8 @@ def iterate_samples(
         for p, _ in ended:
             s = active[p]
             thr[s], last[s], previous[s] = a_thr[p], a_last[p], a_before[p]
+            if keep_states:
+                states[s] = compact(state, index_array(xp, [p], new), len(active))
         for source, which in ((new, 1), (old, 0)):
             pos = [p for p, w in ended if w == which]
             if pos:
@@ -295,6 +316,8 @@ def iterate_samples(
         observed_ratio=observed,
         violated=violated,
         stats={} if stats is None else dict(stats(state)),
+        states=states,
+        final_state=state,
     )
 
 

@@ -22,7 +22,7 @@ import rbp_core
 from conftest import ADJOINT_METHODS, FORWARD_SOLVERS
 from rbp_core import Status
 
-BATCHABLE_FORWARD = ("iteration", "damped")
+BATCHABLE_FORWARD = ("iteration", "damped", "anderson")
 BATCHABLE_ADJOINT = ("neumann", "original", "cg")
 
 
@@ -339,3 +339,41 @@ def test_no_warnings_on_a_clean_batch(backend) -> None:
             solver=rbp_core.FixedPointIteration(rtol=1e-10),
             batch_axis=0,
         )
+
+
+def test_anderson_per_sample_solves_what_plain_iteration_cannot(backend) -> None:
+    J, b = batch_problem(9, [0.3, 0.6, 0.9], 6)
+    rng = np.random.default_rng(1)
+    Q, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    J[1] = (Q * np.array([-1.6, -1.2, 0.3, 0.1, -0.5, 0.2])) @ Q.T  # spectral radius 1.6, I - J invertible
+    maps = Maps(backend, J, b)
+    h0 = backend.asarray(np.zeros_like(b))
+    plain = rbp_core.fixed_point(maps.f, h0, rbp_core.FixedPointIteration(rtol=1e-10), batch_axis=0, throw=False)
+    assert plain.failed_samples == (1,)
+    sol = rbp_core.fixed_point(maps.f, h0, rbp_core.Anderson(rtol=1e-12, max_iter=500), batch_axis=0)
+    np.testing.assert_allclose(backend.to_numpy(sol.value), exact_fixed_points(J, b), atol=1e-9)
+    # the other samples' iterations are untouched by the hard one
+    easy = [0, 2]
+    alone = rbp_core.fixed_point(
+        Maps(backend, J[easy], b[easy]).f,
+        backend.asarray(np.zeros_like(b[easy])),
+        rbp_core.Anderson(rtol=1e-12, max_iter=500),
+        batch_axis=0,
+    )
+    np.testing.assert_array_equal(backend.to_numpy(alone.value), backend.to_numpy(sol.value)[easy])
+
+
+@pytest.mark.parametrize("which", BATCHABLE_FORWARD + BATCHABLE_ADJOINT)
+def test_a_false_contraction_is_caught_per_sample(backend, which) -> None:
+    J, b = batch_problem(6, [0.1, 0.9, 0.1], 5)  # the claim below holds for two samples of three
+    maps = Maps(backend, J, b)
+    if which in BATCHABLE_FORWARD:
+        solver = FORWARD_SOLVERS[which].converged(1e-10, 0.9)
+        h0 = backend.asarray(np.zeros_like(b))
+        with pytest.raises(rbp_core.ContractionViolation):
+            rbp_core.fixed_point(maps.f, h0, solver, batch_axis=0, contraction=0.2)
+    else:
+        method = ADJOINT_METHODS[which].converged(1e-10, 0.9)
+        g = backend.asarray(b)
+        with pytest.raises(rbp_core.ContractionViolation):
+            rbp_core.solve_adjoint(maps.vjp, g, method, jvp=maps.jvp, batch_axis=0, contraction=0.2)

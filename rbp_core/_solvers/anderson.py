@@ -13,6 +13,7 @@ from .._typing import Array, FixedPointMap, Namespace
 from ._best import BestIterate, record_best
 from ._mixing import ADAPTIVE, Memory, check_settings
 from ._settings import DEFAULT_DIVERGENCE_FACTOR, DEFAULT_MAX_ITER, resolve_rtol
+from .anderson_rows import AndersonRows
 
 __all__ = ["Anderson"]
 
@@ -145,6 +146,10 @@ class Anderson(BestIterate):
     def limits(self, xp: Namespace, dtype: Any) -> Limits:
         """``max_iter`` calls of ``f`` to ``max(rtol ||F(h)||, atol)``."""
         return Limits(self.max_iter, resolve_rtol(self.rtol, xp, dtype), self.atol, self.divergence_factor)
+
+    def per_sample(self) -> AndersonRows:
+        """The same method for a batch of independent samples (``batch_axis``): each its own mixing."""
+        return AndersonRows(self)
 
     def start(self, h0: Array, *, secants: bool) -> _State:
         """The state before the first evaluation."""

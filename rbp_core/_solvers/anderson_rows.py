@@ -1,0 +1,253 @@
+"""Anderson acceleration of a batch of independent fixed points: every sample its own mixing, on the device.
+
+:class:`~rbp_core.Anderson` solves its small least-squares problem on the host, once per solve;
+with ``batch_axis`` each sample needs its own. :class:`AndersonRows` (what ``Anderson.per_sample()``
+gives the per-sample driver) keeps each sample's memory of differences, Gram matrix, coefficients,
+mixing ``beta``, safeguard and best iterate as rows of device arrays, and solves the ``b`` small
+systems in one batched solve, so a step costs a fixed number of array operations whatever the
+batch size, and the one host transfer per step stays the driver's. The method is the same
+(type-II mixing, regularisation relative to each sample's Gram scale, rejection of a step whose
+residual grows past ``safeguard`` times the sample's smallest, a restart on rejection or on a
+system that cannot be solved). One difference: the Gram matrix is formed afresh each step from
+the stored differences (``memory`` products per row), where the host version updates one row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import array_api_compat
+
+from .._certificate import fixed_point_residual_bound
+from .._iterate import Limits
+from .._sample_driver import compact
+from .._typing import Array, FixedPointMap, Namespace
+from ._mixing import ADAPTIVE_BOUNDS
+
+if TYPE_CHECKING:
+    from .._samples import RowOps
+    from .anderson import Anderson
+
+__all__ = ["AndersonRows"]
+
+
+class _Pairs:
+    """The secant pairs ``(||F(h) - F(h')||^2, ||h - h'||^2)`` met, as ``(b,)`` arrays: never cut with the rows."""
+
+    __slots__ = ("items",)
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Array, Array]] = []
+
+
+class _Rows:
+    """The state of the samples still iterating: every array has one row per sample."""
+
+    __slots__ = (
+        "G",
+        "best_f",
+        "best_h",
+        "best_img",
+        "best_res",
+        "best_scale",
+        "beta",
+        "d_img",
+        "d_res",
+        "f",
+        "fallback",
+        "gamma",
+        "h0",
+        "pairs",
+        "reject",
+        "slot",
+        "valid",
+    )
+
+    G: Array | None  # F at the last evaluated points (None before the first)
+    f: Array | None  # F(h) - h there
+    h0: Array
+    best_img: Array
+    best_f: Array
+    best_h: Array
+    best_res: Array  # (b,) the smallest residual norm of each row, and the norm of its F
+    best_scale: Array
+    beta: Array  # (b,) each row's mixing
+    d_res: Array  # (b, memory, n) each row's differences of residuals and of images
+    d_img: Array
+    gamma: Array  # (b, memory) each row's coefficients
+    valid: Array  # (b, memory) which slots each row holds
+    reject: Array  # (b,) the next point is the plain step from the row's best
+    fallback: Array  # (b,) the last point was that plain step
+    slot: int
+    pairs: _Pairs
+
+    def compact(self, keep: Array, b: int) -> _Rows:
+        """The state of the samples at positions ``keep`` only (``b`` rows before)."""
+        out = _Rows()
+        for name in self.__slots__:
+            setattr(out, name, compact(getattr(self, name, None), keep, b))
+        return out
+
+
+@dataclass(frozen=True)
+class AndersonRows:
+    """:class:`~rbp_core.Anderson`'s method for the per-sample driver: one mixing per row, all on the device."""
+
+    settings: Anderson
+    name: ClassVar[str] = "anderson"
+    differentiable_step: ClassVar[bool] = False
+
+    @property
+    def _beta0(self) -> float:
+        mixing = self.settings.mixing
+        return 1.0 if isinstance(mixing, str) else float(mixing)
+
+    def limits(self, xp: Namespace, dtype: Any) -> Limits:
+        """The settings' limits."""
+        return self.settings.limits(xp, dtype)
+
+    def init(self, f: FixedPointMap, h0: Array, ops: RowOps) -> tuple[_Rows, Array, None]:  # noqa: ARG002
+        """Nothing evaluated yet: the first step evaluates ``F(h0)``."""
+        st = _Rows()
+        st.h0, st.G, st.f = h0, None, None
+        st.pairs = _Pairs()
+        return st, h0, None
+
+    def step(self, f: FixedPointMap, st: _Rows, ops: RowOps) -> tuple[_Rows, Array, list[Array], Any]:
+        """Evaluate ``F`` at each row's next point; keep each row's best; solve each row's mixing."""
+        xp, cfg = ops.xp, self.settings
+        if st.G is None or st.f is None:
+            h = st.h0
+            b, n = h.shape
+            k = cfg.memory
+            st.d_img = xp.zeros((b, k, n), dtype=h.dtype, device=array_api_compat.device(h))
+            st.d_res = xp.zeros_like(st.d_img)
+            st.valid = xp.zeros((b, k), dtype=xp.bool, device=array_api_compat.device(h))
+            st.gamma = xp.zeros((b, k), dtype=h.dtype, device=array_api_compat.device(h))
+            st.beta = xp.full((b,), self._beta0, dtype=h.dtype, device=array_api_compat.device(h))
+            st.reject = xp.zeros((b,), dtype=xp.bool, device=array_api_compat.device(h))
+            st.slot = -1
+        else:
+            h = xp.where(xp.reshape(st.reject, (-1, 1)), st.best_img, self._mixed(xp, st))
+        G = f(h)
+        r = G - h
+        res_sq, scale_sq = ops.sqnorm(r), ops.sqnorm(G)
+        res = xp.sqrt(res_sq)
+        if st.G is None or st.f is None:
+            st.best_h, st.best_f, st.best_img = h, r, G
+            st.best_res, st.best_scale = res, xp.sqrt(scale_sq)
+            st.fallback = st.reject
+        else:
+            self._remember(xp, ops, st, r, G, h)
+            # Reject a step whose residual grew past the safeguard (not the plain step from the best,
+            # which is taken whatever its residual), restarting that row's memory.
+            fallback = st.reject
+            reject = (res > cfg.safeguard * st.best_res) & ~fallback
+            better = (res < st.best_res) & ~reject
+            col = xp.reshape(better, (-1, 1))
+            st.best_h = xp.where(col, h, st.best_h)
+            st.best_f = xp.where(col, r, st.best_f)
+            st.best_img = xp.where(col, G, st.best_img)
+            st.best_res = xp.where(better, res, st.best_res)
+            st.best_scale = xp.where(better, xp.sqrt(scale_sq), st.best_scale)
+            st.valid = st.valid & ~xp.reshape(reject, (-1, 1))
+            st.beta = xp.where(reject, xp.full_like(st.beta, self._beta0), st.beta)
+            st.reject, st.fallback = reject, fallback
+        st.f, st.G = r, G
+        if st.slot >= 0:
+            self._solve(xp, st)
+        return st, st.best_h, [res_sq, scale_sq], ((r, None), (G, None))
+
+    def _remember(self, xp: Namespace, ops: RowOps, st: _Rows, r: Array, G: Array, h: Array) -> None:
+        """Write the newest differences (from the last point, or from the best after a rejection)."""
+        del h
+        col = xp.reshape(st.reject, (-1, 1))
+        f_prev = xp.where(col, st.best_f, st.f)
+        G_prev = xp.where(col, st.best_img, st.G)
+        d_img, d_res = G - G_prev, r - f_prev
+        st.slot = (st.slot + 1) % self.settings.memory
+        st.d_img[:, st.slot, :] = d_img
+        st.d_res[:, st.slot, :] = d_res
+        st.valid[:, st.slot] = True
+        st.pairs.items.append((ops.sqnorm(d_img), ops.sqnorm(d_img - d_res)))
+        if self.settings.mixing == "adaptive":
+            cross, diagonal = ops.dot(d_img, d_res), ops.sqnorm(d_res)
+            ok = (diagonal > 0) & xp.isfinite(cross / xp.where(diagonal > 0, diagonal, xp.ones_like(diagonal)))
+            low, high = ADAPTIVE_BOUNDS
+            beta = xp.clip(1.0 - cross / xp.where(ok, diagonal, xp.ones_like(diagonal)), min=low, max=high)
+            st.beta = xp.where(ok, beta, st.beta)
+
+    def _mixed(self, xp: Namespace, st: _Rows) -> Array:
+        """Each row's ``G + (beta - 1) f - (d_img - (1 - beta) d_res) gamma``."""
+        bm1 = st.beta - 1.0
+        combined = st.d_img + xp.reshape(bm1, (-1, 1, 1)) * st.d_res  # (b, memory, n)
+        mix = xp.matmul(xp.reshape(st.gamma, (st.gamma.shape[0], 1, -1)), combined)[:, 0, :]
+        return st.G + xp.reshape(bm1, (-1, 1)) * st.f - mix
+
+    def _solve(self, xp: Namespace, st: _Rows) -> None:
+        """Each row's ``gamma`` minimising ``||f - d_res gamma||^2 + lambda ||gamma||^2`` over its valid slots."""
+        k = self.settings.memory
+        d_res, valid = st.d_res, st.valid
+        assert st.f is not None
+        eye = xp.eye(k, dtype=d_res.dtype, device=array_api_compat.device(d_res))
+        gram = xp.matmul(d_res, xp.permute_dims(d_res, (0, 2, 1)))
+        rhs = xp.matmul(d_res, xp.reshape(st.f, (st.f.shape[0], -1, 1)))[:, :, 0]
+        both = xp.reshape(valid, (-1, k, 1)) & xp.reshape(valid, (-1, 1, k))
+        gram = xp.where(both, gram, eye)
+        rhs = xp.where(valid, rhs, xp.zeros_like(rhs))
+        diag = xp.where(valid, xp.sum(gram * eye, axis=-1), xp.zeros_like(rhs))
+        lam = self.settings.regularization * xp.max(diag, axis=-1)
+        gamma = _solve_spd(xp, gram + xp.reshape(lam, (-1, 1, 1)) * eye, rhs)
+        bad = ~xp.all(xp.isfinite(gamma), axis=-1)  # the system could not be solved: restart that row
+        st.gamma = xp.where(xp.reshape(bad, (-1, 1)), xp.zeros_like(gamma), gamma)
+        st.valid = valid & ~xp.reshape(bad, (-1, 1))
+
+    def step_contraction(self, mu: float) -> None:  # noqa: ARG002 - part of the protocol
+        """None: a step is no single map."""
+        return
+
+    def error_bound(
+        self, xp: Namespace, like: Array, mu: float, norms: tuple[float, ...], previous: float, state: Any
+    ) -> float:
+        """``||F(h) - h|| / (1 - mu)`` for a sample's best iterate, from its row of ``state``, rounding included."""
+        del norms, previous
+        residual, scale = float(state.best_res[0]), float(state.best_scale[0])
+        return fixed_point_residual_bound(xp, like, mu, residual, scale)
+
+    def sample_pairs(self, state: Any) -> list[tuple[Array, Array]]:
+        """The secant pairs met, for the check of a claimed contraction."""
+        return list(state.pairs.items)
+
+    def stats(self, state: Any) -> dict[str, object]:  # noqa: ARG002 - part of the protocol
+        """``memory_vectors``: state-sized arrays per sample."""
+        return {"memory_vectors": 2 * self.settings.memory + 8}
+
+
+def _solve_spd(xp: Namespace, H: Array, b: Array) -> Array:
+    """``H x = b`` for a batch of small symmetric positive definite ``H`` (NaN where one is not)."""
+    linalg = getattr(xp, "linalg", None)
+    if linalg is not None and hasattr(linalg, "solve"):
+        # A singular matrix in the batch raises (NumPy's LinAlgError is a ValueError, torch's a
+        # RuntimeError): the factorisation below then marks it with NaN.
+        with contextlib.suppress(ValueError, RuntimeError):
+            return linalg.solve(H, xp.reshape(b, (*b.shape, 1)))[..., 0]
+    # Cholesky by columns with array operations only (no linalg extension): NaN marks a failure.
+    k = b.shape[1]
+    L = xp.zeros_like(H)
+    for j in range(k):
+        s = H[:, j, j] - xp.sum(L[:, j, :j] * L[:, j, :j], axis=-1)
+        d = xp.sqrt(xp.where(s > 0, s, xp.full_like(s, math.nan)))
+        L[:, j, j] = d
+        if j + 1 < k:
+            below = H[:, j + 1 :, j] - xp.sum(L[:, j + 1 :, :j] * L[:, j : j + 1, :j], axis=-1)
+            L[:, j + 1 :, j] = below / xp.reshape(d, (-1, 1))
+    y = xp.zeros_like(b)
+    for i in range(k):
+        y[:, i] = (b[:, i] - xp.sum(L[:, i, :i] * y[:, :i], axis=-1)) / L[:, i, i]
+    x = xp.zeros_like(b)
+    for i in range(k - 1, -1, -1):
+        x[:, i] = (y[:, i] - xp.sum(L[:, i + 1 :, i] * x[:, i + 1 :], axis=-1)) / L[:, i, i]
+    return x
