@@ -16,6 +16,7 @@ through every forward update, or through the last ``K`` only.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias, cast
@@ -29,6 +30,7 @@ from rbp_core._adjoint import OnFailure, check_policy
 from rbp_core._checks import check_contraction, check_instance, check_int
 from rbp_core._forward import check_solver
 from rbp_core._ops import ops_for
+from rbp_core._samples import check_takes_indices
 
 __all__ = [
     "BPTT",
@@ -115,9 +117,14 @@ class FixedPointInfo:
 
 # --- states: one tensor, or a tuple of tensors packed into one flat vector ----------------------
 class _Packing:
-    """Pack a tuple state into one flat tensor (views back on unpack); a single tensor passes."""
+    """Pack a tuple state into one flat tensor (views back on unpack); a single tensor passes.
 
-    def __init__(self, state: State) -> None:
+    With ``batch_axis`` every part keeps its batch axis: the state packs into rows ``(b, m)``, one
+    per sample (each part's elements of that sample, part after part), and rows of any number of
+    samples unpack into parts with ``b`` samples on their batch axis.
+    """
+
+    def __init__(self, state: State, batch_axis: int | None = None) -> None:
         self.is_tuple = isinstance(state, tuple)
         parts = state if isinstance(state, tuple) else (state,)
         if not parts or not all(isinstance(p, torch.Tensor) for p in parts):
@@ -137,6 +144,26 @@ class _Packing:
         self.shapes = [tuple(p.shape) for p in parts]
         self.sizes = [p.numel() for p in parts]
         self.dtype, self.device = first.dtype, first.device
+        self.axes: list[int] | None = None
+        if batch_axis is not None:
+            self.axes = [self._axis(batch_axis, p, i) for i, p in enumerate(parts)]
+            sizes = {p.shape[a] for p, a in zip(parts, self.axes, strict=True)}
+            if len(sizes) > 1:
+                msg = f"batch_axis={batch_axis}: the parts of the state have different batch sizes {sorted(sizes)}"
+                raise ValueError(msg)
+            self.batch = sizes.pop()
+            self.row_shapes = [s[:a] + s[a + 1 :] for s, a in zip(self.shapes, self.axes, strict=True)]
+            self.row_sizes = [math.prod(s) for s in self.row_shapes]
+
+    def _axis(self, batch_axis: int, part: torch.Tensor, i: int) -> int:
+        if isinstance(batch_axis, bool) or not isinstance(batch_axis, int):
+            msg = f"batch_axis must be an int or None, got {batch_axis!r}"
+            raise TypeError(msg)
+        if not -part.ndim <= batch_axis < part.ndim:
+            label = f"state[{i}]" if self.is_tuple else "the state"
+            msg = f"batch_axis={batch_axis} is out of range for {label} of shape {tuple(part.shape)}"
+            raise ValueError(msg)
+        return batch_axis % part.ndim
 
     def pack(self, state: State, name: str) -> torch.Tensor:
         """``state`` (``f``'s output) as one flat tensor, each part checked like the state's own.
@@ -144,6 +171,8 @@ class _Packing:
         A part of another shape, dtype or device, or not a tensor at all, is refused naming ``name``
         and the part: ``torch.cat`` would promote a float32 part of a float64 state silently.
         """
+        if self.axes is not None:
+            return self._pack_rows(state, name)
         if not self.is_tuple:
             self._check_part(state, 0, name, "")
             return cast("torch.Tensor", state)
@@ -175,10 +204,44 @@ class _Packing:
             raise TypeError(msg)
 
     def unpack(self, flat: torch.Tensor) -> State:
+        if self.axes is not None:
+            b = flat.shape[0]
+            pieces = torch.split(flat, self.row_sizes, dim=1) if self.is_tuple else (flat,)
+            out = tuple(
+                p.reshape(b, *s).movedim(0, a) for p, s, a in zip(pieces, self.row_shapes, self.axes, strict=True)
+            )
+            return out if self.is_tuple else out[0]
         if not self.is_tuple:
             return flat
         parts = torch.split(flat, self.sizes)
         return tuple(p.reshape(s) for p, s in zip(parts, self.shapes, strict=True))
+
+    def _pack_rows(self, state: State, name: str) -> torch.Tensor:
+        """A state with ``b`` samples on each part's batch axis as rows ``(b, m)``, each part checked."""
+        assert self.axes is not None
+        parts = state if isinstance(state, tuple) else (state,)
+        if isinstance(state, tuple) != self.is_tuple or len(parts) != len(self.shapes):
+            what = f"a tuple of {len(self.shapes)} tensors" if self.is_tuple else "a tensor"
+            msg = f"{name} returned {type(state).__name__}; expected {what} like the state"
+            raise TypeError(msg)
+        rows: list[torch.Tensor] = []
+        for i, (p, a, row) in enumerate(zip(parts, self.axes, self.row_shapes, strict=True)):
+            label = f"state[{i}]" if self.is_tuple else ""
+            if not isinstance(p, torch.Tensor) or p.ndim != len(row) + 1:
+                self._check_part(p, i, name, label)  # says what is wrong
+            b = p.shape[a]
+            if tuple(p.shape[:a] + p.shape[a + 1 :]) != row or (rows and b != rows[0].shape[0]):
+                expected = list(row)
+                expected.insert(a, b if not rows else rows[0].shape[0])
+                msg = (
+                    f"{name} returned {label or 'an array'} of shape {tuple(p.shape)}; expected shape "
+                    f"{tuple(expected)} (the state's, with its samples on batch axis {a})"
+                )
+                raise ValueError(msg)
+            if p.dtype != self.dtype or p.device != self.device:
+                self._check_part(p, i, name, label)
+            rows.append(p.movedim(a, 0).reshape(b, -1))
+        return torch.cat(rows, dim=1) if self.is_tuple else rows[0]
 
 
 # --- the public entry point ---------------------------------------------------------------------
@@ -257,7 +320,7 @@ def _refuse_functorch(name: str) -> None:
 
 
 def fixed_point(
-    f: Callable[[Any], Any],
+    f: Callable[..., Any],
     h0: State,
     *,
     backward: Backward,
@@ -266,6 +329,8 @@ def fixed_point(
     jvp_mode: JVPMode = "double-backward",
     on_backward_failure: OnFailure = "skip",
     throw: bool = True,
+    batch_axis: int | None = None,
+    takes_indices: bool = False,
 ) -> tuple[State, FixedPointInfo]:
     """Fixed point ``h* = f(h*)`` whose gradients come from ``backward``.
 
@@ -321,6 +386,21 @@ def fixed_point(
         Raise :class:`rbp_core.ConvergenceError` when the forward solve fails
         (default). With False a forward solve that reached its budget goes on
         from its last iterate, and ``info.forward`` says so.
+    batch_axis : int, optional
+        The axis of every part of the state that indexes independent samples:
+        each sample then has its own stopping test, status and error bound in
+        the forward and the backward solve (see :func:`rbp_core.fixed_point`),
+        and ``on_backward_failure`` applies to the failed samples only (``"skip"``
+        zeroes their rows of the adjoint; the others keep their exact
+        gradients). Tuple states keep their batch axis. BPTT and TBPTT refuse it.
+    takes_indices : bool
+        With ``batch_axis``: ``f`` is called as ``f(h, indices)`` with the
+        samples still iterating only, so that finished samples leave the work
+        (see :func:`rbp_core.fixed_point`). The backward solve's VJPs then run on
+        the active samples too: through the recorded step while at least half
+        of its samples are active, and through a step re-recorded on the active
+        samples (one evaluation of ``f`` on them) once they are at most half of
+        the recorded ones. :class:`FixedPoint` does this for its cell itself.
 
     Returns
     -------
@@ -345,13 +425,35 @@ def fixed_point(
     (True, True, torch.Size([3, 3]))
     """
     solver = _check_options(backward, solver, contraction, jvp_mode, on_backward_failure)
-    packing = _Packing(h0)
-    start = packing.pack(h0, "h0").detach()
-
-    def f_flat(h: torch.Tensor) -> torch.Tensor:
-        return packing.pack(f(packing.unpack(h)), "f")
-
+    check_takes_indices(takes_indices, batch_axis)
     name = type(backward).__name__
+    if batch_axis is not None and isinstance(backward, BPTT | TBPTT):
+        msg = (
+            f"backward={name}() does not take batch_axis: it unrolls the whole batch's forward steps. Use an "
+            "implicit method such as rbp_core.OriginalRBP() per sample, or no batch_axis"
+        )
+        raise ValueError(msg)
+    packing = _Packing(h0, batch_axis)
+    start = packing.pack(h0, "h0").detach()
+    per_sample: dict[str, Any] = {} if batch_axis is None else {"batch_axis": 0, "takes_indices": takes_indices}
+    f_samples: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    if takes_indices:
+
+        def f_samples(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            return packing.pack(f(packing.unpack(h), idx), "f")
+
+        every = torch.arange(packing.batch, device=start.device)
+
+        def f_flat(h: torch.Tensor) -> torch.Tensor:
+            assert f_samples is not None
+            return f_samples(h, every)
+
+    else:
+
+        def f_flat(h: torch.Tensor) -> torch.Tensor:
+            return packing.pack(f(packing.unpack(h)), "f")
+
     if isinstance(backward, BPTT) and torch.is_grad_enabled():
         # The driver runs the solver's own steps under autograd: every step is on the graph.
         sol = rbp_core.fixed_point(f_flat, start, solver, contraction=contraction, throw=throw)
@@ -363,7 +465,14 @@ def fixed_point(
         _refuse_functorch(name)  # before the forward solve, which would be wasted
 
     with torch.no_grad():
-        sol = rbp_core.fixed_point(f_flat, start, solver, contraction=contraction, throw=throw)
+        sol = rbp_core.fixed_point(
+            f_flat if f_samples is None else f_samples,
+            start,
+            solver,
+            contraction=contraction,
+            throw=throw,
+            **per_sample,
+        )
     info = FixedPointInfo(forward=sol, method=name)
     h_star = sol.value.detach()
     if not torch.is_grad_enabled():
@@ -387,7 +496,10 @@ def fixed_point(
     # autograd computes the state's gradient of the recorded step too (it is on the graph): drop it.
     h_in.register_post_accumulate_grad_hook(_drop_grad)
     y = out.view_as(out)
-    y.register_hook(_ImplicitHook(h_in, out, f_flat, method, info, contraction, jvp_mode, on_backward_failure))  # type: ignore[no-untyped-call]
+    hook = _ImplicitHook(h_in, out, f_flat, method, info, contraction, jvp_mode, on_backward_failure)
+    if batch_axis is not None:
+        hook.samples = _ActiveSamples(hook, f_samples)
+    y.register_hook(hook)  # type: ignore[no-untyped-call]
     return packing.unpack(y), info
 
 
@@ -456,6 +568,7 @@ class _ImplicitHook:
         self.contraction = contraction
         self.jvp_mode = jvp_mode
         self.on_failure = on_failure
+        self.samples: _ActiveSamples | None = None  # with a batch axis: each sample solved on its own
 
     def _vjp(self, v: torch.Tensor) -> torch.Tensor:
         # materialize_grads: a map that ignores the state has J = 0, not an error.
@@ -513,17 +626,92 @@ class _ImplicitHook:
                 "higher-order derivatives."
             )
             raise RuntimeError(msg)
+        samples = self.samples
+        jvp = self._jvp()
+        if samples is None:
+            z, _ = rbp_core.implicit_backward(
+                self._vjp,
+                _identity,
+                g.detach(),
+                self.method,
+                jvp_state=jvp,
+                contraction=self.contraction,
+                on_failure=self.on_failure,
+                on_solution=self._record,
+            )
+            return cast("torch.Tensor", z)
+        subset = samples.f is not None
         z, _ = rbp_core.implicit_backward(
-            self._vjp,
+            samples.vjp if subset else self._vjp,
             _identity,
             g.detach(),
             self.method,
-            jvp_state=self._jvp(),
+            jvp_state=None if jvp is None else (samples.jvp(jvp) if subset else jvp),
             contraction=self.contraction,
             on_failure=self.on_failure,
             on_solution=self._record,
+            batch_axis=0,
+            takes_indices=subset,
         )
         return cast("torch.Tensor", z)
+
+
+class _ActiveSamples:
+    """The backward products of a batched fixed point on the samples still iterating, given their indices.
+
+    The VJPs go through the step recorded at forward time (the other rows of the cotangent zero)
+    while at least half of its samples are active. Once the active samples are at most half of
+    the recorded ones, the step is recorded again on them alone (one evaluation of ``f`` on the
+    active samples, paid back within two products at half the size) and the VJPs go through that.
+    The JVPs (CG-RBP) always go through the graph of the first recording.
+    """
+
+    def __init__(self, hook: _ImplicitHook, f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None) -> None:
+        self.f = f
+        self.h_star = hook.h_in.detach()
+        self.batch = hook.out.shape[0]
+        self.recorded: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] = (None, hook.h_in, hook.out)
+        self.recordings = 1
+        self._positions: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+
+    def _step(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The recorded step to differentiate for the samples ``idx``, and their rows in it (None: all)."""
+        rec, h, out = self.recorded
+        count = self.batch if rec is None else rec.shape[0]
+        if idx.shape[0] == count:
+            return h, out, None
+        if 2 * idx.shape[0] <= count:
+            assert self.f is not None
+            h = self.h_star[idx].detach().requires_grad_()
+            with torch.enable_grad():
+                out = self.f(h, idx)
+            self.recorded, self.recordings = (idx, h, out), self.recordings + 1
+            return h, out, None
+        if self._positions[0] is not idx:
+            if rec is None:
+                self._positions = (idx, idx)
+            else:
+                lookup = torch.full((self.batch,), -1, dtype=torch.long, device=idx.device)
+                lookup[rec] = torch.arange(count, device=idx.device)
+                self._positions = (idx, lookup[idx])
+        return h, out, self._positions[1]
+
+    def vjp(self, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        h, out, rows = self._step(idx)
+        cot = v if rows is None else torch.zeros_like(out).index_copy(0, rows, v)
+        (grad,) = torch.autograd.grad(out, h, cot, retain_graph=True, materialize_grads=True)
+        return grad if rows is None else grad[rows]
+
+    def jvp(self, full: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``J v`` on the samples ``idx`` through ``full``, the JVP of the whole recorded batch."""
+
+        def jvp(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            if idx.shape[0] == self.batch:
+                return full(v)
+            whole = v.new_zeros((self.batch, v.shape[1])).index_copy(0, idx, v)
+            return full(whole)[idx]
+
+        return jvp
 
 
 # --- the module ---------------------------------------------------------------------------------
@@ -546,6 +734,13 @@ class FixedPoint(torch.nn.Module):
         As in :func:`fixed_point`.
     throw : bool
         As in :func:`fixed_point`.
+    batch_axis : int, optional
+        The axis of independent samples, of the state and of the inputs: each
+        sample is solved on its own (see :func:`fixed_point`), and a sample that
+        is done leaves the work. The cell is then called with the active
+        samples only: every input tensor whose size along ``batch_axis`` is the
+        batch size is indexed with them (once per change of the active
+        samples); other inputs are passed whole.
 
     Attributes
     ----------
@@ -581,10 +776,15 @@ class FixedPoint(torch.nn.Module):
         jvp_mode: JVPMode = "double-backward",
         on_backward_failure: OnFailure = "skip",
         throw: bool = True,
+        batch_axis: int | None = None,
     ) -> None:
         super().__init__()
         # Checked at construction, as torch's own layers check their arguments.
         _check_options(backward, solver, contraction, jvp_mode, on_backward_failure)
+        if batch_axis is not None and (isinstance(batch_axis, bool) or not isinstance(batch_axis, int)):
+            msg = f"batch_axis must be an int or None, got {batch_axis!r}"
+            raise TypeError(msg)
+        self.batch_axis = batch_axis
         self.cell = cell
         self.backward_method = backward
         self.solver = solver
@@ -597,15 +797,45 @@ class FixedPoint(torch.nn.Module):
     def forward(self, x: Any, h0: State, *extra: Any) -> State:
         """The fixed point of ``h -> cell(h, x, *extra)`` from ``h0``; its info goes to ``self.info``."""
         inputs: Sequence[Any] = (x, *extra)
-        h, info = fixed_point(
-            lambda h: self.cell(h, *inputs),
-            h0,
-            backward=self.backward_method,
-            solver=self.solver,
-            contraction=self.contraction,
-            jvp_mode=self.jvp_mode,
-            on_backward_failure=self.on_backward_failure,
-            throw=self.throw,
-        )
+        options: dict[str, Any] = {
+            "backward": self.backward_method,
+            "solver": self.solver,
+            "contraction": self.contraction,
+            "jvp_mode": self.jvp_mode,
+            "on_backward_failure": self.on_backward_failure,
+            "throw": self.throw,
+        }
+        if self.batch_axis is None:
+            h, info = fixed_point(lambda h: self.cell(h, *inputs), h0, **options)
+        else:
+            axis = self.batch_axis
+            batch = _Packing(h0, axis).batch
+            gather = _Gather(inputs, axis, batch)
+
+            def cell(h: State, idx: torch.Tensor) -> State:
+                return cast("State", self.cell(h, *gather(idx)))
+
+            h, info = fixed_point(cell, h0, batch_axis=axis, takes_indices=True, **options)
         self.info = info
         return h
+
+
+class _Gather:
+    """The inputs of the active samples: tensors with the batch size on the batch axis, indexed once per index array."""
+
+    def __init__(self, inputs: Sequence[Any], axis: int, batch: int) -> None:
+        self.inputs = inputs
+        self.axis = axis
+        self.batch = batch
+        self.last: tuple[torch.Tensor | None, Sequence[Any]] = (None, inputs)
+
+    def _batched(self, t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and -t.ndim <= self.axis < t.ndim and t.shape[self.axis] == self.batch
+
+    def __call__(self, idx: torch.Tensor) -> Sequence[Any]:
+        if idx.shape[0] == self.batch:
+            return self.inputs
+        if self.last[0] is not idx:
+            taken = [t.index_select(self.axis, idx) if self._batched(t) else t for t in self.inputs]
+            self.last = (idx, taken)
+        return self.last[1]

@@ -20,7 +20,7 @@ from ._ops import ops_for
 from ._protocols import AdjointMethod
 from ._samples import check_batch_axis, check_takes_indices
 from ._solution import Solution, Status
-from ._typing import Array, VectorMap
+from ._typing import Array, SampleMap, VectorMap
 
 __all__ = ["OnFailure", "check_method", "implicit_backward", "solve_adjoint"]
 
@@ -41,11 +41,11 @@ def check_method(method: object) -> AdjointMethod:
 
 
 def solve_adjoint(
-    vjp: VectorMap,
+    vjp: VectorMap | SampleMap,
     g: Array,
     method: AdjointMethod,
     *,
-    jvp: VectorMap | None = None,
+    jvp: VectorMap | SampleMap | None = None,
     z0: Array | None = None,
     contraction: float | None = None,
     throw: bool = True,
@@ -266,12 +266,12 @@ def _contraction_policy(label: str, contraction: float | None, on_failure: str, 
 
 
 def implicit_backward(
-    vjp_state: VectorMap,
+    vjp_state: VectorMap | SampleMap,
     vjp_params: Callable[[Array], Any],
     g: Array,
     method: AdjointMethod,
     *,
-    jvp_state: VectorMap | None = None,
+    jvp_state: VectorMap | SampleMap | None = None,
     z0: Array | None = None,
     contraction: float | None = None,
     on_failure: OnFailure = "raise",

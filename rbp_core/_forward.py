@@ -19,7 +19,7 @@ from ._protocols import AdjointMethod, ForwardSolver
 from ._samples import check_takes_indices
 from ._solution import Solution, Status
 from ._solvers.fixed_point_iteration import FixedPointIteration
-from ._typing import Array, FixedPointMap
+from ._typing import Array, FixedPointMap, SampleMap
 
 __all__ = ["ImplicitGradient", "check_solver", "fixed_point", "implicit_gradient"]
 
@@ -36,7 +36,7 @@ def check_solver(solver: object) -> ForwardSolver:
 
 
 def fixed_point(
-    f: FixedPointMap,
+    f: FixedPointMap | SampleMap,
     h0: Array,
     solver: ForwardSolver | None = None,
     *,

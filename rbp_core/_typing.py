@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
-__all__ = ["Array", "FixedPointMap", "Namespace", "VectorMap"]
+__all__ = ["Array", "FixedPointMap", "Namespace", "SampleMap", "VectorMap"]
 
 Array: TypeAlias = Any
 """Any array of a library that follows the Array API standard."""
@@ -18,3 +18,6 @@ VectorMap: TypeAlias = Callable[[Array], Array]
 
 FixedPointMap: TypeAlias = Callable[[Array], Array]
 """The map ``h -> F(x, w, h)`` of a fixed-point problem."""
+
+SampleMap: TypeAlias = Callable[[Array, Array], Array]
+"""A callback of the active samples, ``(x, indices) -> ...`` (``takes_indices``): their rows in, their images out."""
