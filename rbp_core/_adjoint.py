@@ -84,6 +84,19 @@ def solve_adjoint(
         (default); otherwise return the failed Solution, whose value is the last
         finite iterate.
 
+    batch_axis : int, optional
+        The axis of ``g`` that indexes independent samples (``J`` is block
+        diagonal over them). Each sample then has its own norms, tolerance
+        (relative to its own ``||g||``), status, history, divergence test and
+        error bound, and leaves the iteration when it is done; see the
+        Solution's ``sample_*`` fields and docs/batches.md. Neumann,
+        OriginalRBP, CGRBP and GMRES work per sample; BiCGSTAB and AndersonRBP
+        raise ``NotImplementedError`` with it for now.
+    takes_indices : bool
+        With ``batch_axis``: ``vjp`` and ``jvp`` are called as ``vjp(v, indices)``
+        with the samples still iterating only (``indices`` their positions in
+        the batch); otherwise they get the whole batch, finished samples at zero.
+
     Returns
     -------
     Solution

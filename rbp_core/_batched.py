@@ -102,8 +102,8 @@ def fixed_point_samples(
         ]
         bounds = [0.0 if s in settled and outcome.status[s] is Status.SUCCESS else b for s, b in enumerate(bounds)]
     value = layout.restore(outcome.value)
-    if value is h0:
-        value = xp.asarray(h0, copy=True)
+    if not active:  # nothing iterated: the rows may still be views of h0, which is never handed back
+        value = xp.asarray(value, copy=True)
     return finish_samples(
         outcome,
         name=solver.name,

@@ -9,9 +9,11 @@ place into anything of the caller's), the solver's state is cut to the remaining
 callbacks evaluate only those from then on. :func:`finish_samples` builds the Solution with the
 per-sample results and a summary for the batch.
 
-Solvers whose host logic is per solve (a small least-squares problem on the host, an iterate
-formed on request, a confirmation of the true residual) have no per-sample form yet and are
-refused with their name; see :func:`check_batchable`.
+A solver whose host logic is per solve (a small least-squares problem on the host, a
+confirmation of the true residual) runs here through its ``per_sample()`` form (Anderson, GMRES);
+one without such a form is refused with its name (:func:`check_batchable`). A solver that forms
+its iterate on request gives ``iterate(problem, state, previous=False)``, asked only when samples
+end.
 """
 
 from __future__ import annotations
@@ -56,8 +58,8 @@ def check_batchable(solver: object, label: str) -> None:
     if host:
         msg = (
             f"{label} does not take batch_axis yet: its {', '.join(host)} works on the whole batch, not per "
-            "sample. Per sample, use FixedPointIteration or Anderson forward and Neumann, OriginalRBP or "
-            "CGRBP backward, or solve without batch_axis"
+            "sample. Per sample, use FixedPointIteration or Anderson forward and Neumann, OriginalRBP, "
+            "CGRBP or GMRES backward, or solve without batch_axis"
         )
         raise NotImplementedError(msg)
 
@@ -170,8 +172,14 @@ def iterate_samples(
     a_slack = [slack[s] for s in active]
     a_last: list[tuple[float, ...]] = [()] * len(active)
 
-    def end(ended: list[tuple[int, int]], new: Array, old: Array) -> None:
+    iterate = getattr(solver, "iterate", None)  # a solver that forms its iterate on request (GMRES)
+
+    def end(ended: list[tuple[int, int]], new: Array | None, old: Array | None) -> None:
         """Record the samples that ended (position, 1 for the new iterate or 0 for the old) and keep their rows."""
+        if new is None and ended:
+            new = iterate(problem, state)  # type: ignore[misc]
+        if old is None and any(w == 0 for _, w in ended):
+            old = iterate(problem, state, previous=True)  # type: ignore[misc]
         for p, _ in ended:
             s = active[p]
             thr[s], last[s], previous[s] = a_thr[p], a_last[p], a_before[p]
@@ -354,11 +362,11 @@ def _leave(
     remaining = [active[p] for p in keep]
     if not remaining:
         return state, x, remaining
-    xp = array_api_compat.array_namespace(x)
-    rows = index_array(xp, keep, x)
+    xp = done.xp
+    rows = index_array(xp, keep, done.rows)
     for cb in callbacks:
-        cb.set_active(remaining, done.rows, x)
-    return compact(state, rows, len(active)), xp.take(x, rows, axis=0), remaining
+        cb.set_active(remaining, done.rows, done.rows)
+    return compact(state, rows, len(active)), None if x is None else xp.take(x, rows, axis=0), remaining
 
 
 def finish_samples(

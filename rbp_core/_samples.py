@@ -171,6 +171,7 @@ class SampleCallback:
 
     __slots__ = (
         "_check",
+        "_every",
         "_fn",
         "_layout",
         "_linear",
@@ -193,6 +194,7 @@ class SampleCallback:
         self._layout = layout
         self._takes = takes_indices
         self._linear = linear
+        self._every: Array | None = None
         self._check = _ShapeCheck(name, like, layout)
         self.calls = 0
         self.evaluations = 0
@@ -223,7 +225,11 @@ class SampleCallback:
         layout, xp = self._layout, self._layout.xp
         self.calls += 1
         if self._takes:
-            indices = self.indices if self.indices is not None else index_array(xp, range(layout.batch), rows)
+            indices = self.indices
+            if indices is None:  # every sample: one index array for all such calls, as documented
+                if self._every is None:
+                    self._every = index_array(xp, range(layout.batch), rows)
+                indices = self._every
             self.evaluations += rows.shape[0]
             out = self._fn(layout.restore(rows), indices)
             self._check(out, rows.shape[0])

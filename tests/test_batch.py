@@ -23,7 +23,7 @@ from conftest import ADJOINT_METHODS, FORWARD_SOLVERS
 from rbp_core import Status
 
 BATCHABLE_FORWARD = ("iteration", "damped", "anderson")
-BATCHABLE_ADJOINT = ("neumann", "original", "cg")
+BATCHABLE_ADJOINT = ("neumann", "original", "cg", "gmres")
 
 
 def batch_problem(seed: int, mus: list[float], n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -377,3 +377,39 @@ def test_a_false_contraction_is_caught_per_sample(backend, which) -> None:
         g = backend.asarray(b)
         with pytest.raises(rbp_core.ContractionViolation):
             rbp_core.solve_adjoint(maps.vjp, g, method, jvp=maps.jvp, batch_axis=0, contraction=0.2)
+
+
+def test_indices_are_one_array_per_active_set(backend) -> None:
+    J, b = batch_problem(8, [0.2, 0.9, 0.5], 4)
+    maps = Maps(backend, J, b)
+    seen = []
+
+    def f(h, idx):
+        seen.append(idx)
+        return maps.f(h, idx)
+
+    rbp_core.fixed_point(
+        f, backend.asarray(np.zeros_like(b)), rbp_core.FixedPointIteration(rtol=1e-10), batch_axis=0, takes_indices=True
+    )
+    distinct = []
+    for idx in seen:
+        if not any(idx is d for d in distinct):
+            distinct.append(idx)
+    sets = [tuple(backend.to_numpy(d).astype(int)) for d in distinct]
+    assert len(sets) == len(set(sets))  # a new array exactly when the active samples change
+    assert sets[0] == (0, 1, 2)
+
+
+@pytest.mark.parametrize("restart", [1, 2, 20])
+def test_gmres_per_sample_with_restarts(backend, restart) -> None:
+    J, g = batch_problem(12, [0.3, 0.95, 0.6, 0.8], 6)
+    J[2] = 1.5 * np.eye(6)  # original RBP diverges here; GMRES needs only I - J^T invertible
+    maps = Maps(backend, J, g)
+    method = rbp_core.GMRES(restart=restart, rtol=1e-12, max_iter=5000)
+    sol = rbp_core.solve_adjoint(maps.vjp, backend.asarray(g), method, batch_axis=0, takes_indices=True)
+    assert sol.converged
+    np.testing.assert_allclose(backend.to_numpy(sol.value), exact_adjoints(J, g), rtol=1e-9, atol=1e-10)
+    for s in range(4):  # the recurrence's residual agrees with the true one
+        z = backend.to_numpy(sol.value)[s]
+        true = np.linalg.norm(g[s] - z + J[s].T @ z)
+        assert true <= 10 * sol.sample_tolerance[s]

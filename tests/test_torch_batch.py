@@ -50,7 +50,13 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-9) -> bool:
 
 @pytest.mark.parametrize("solver", [rbp_core.FixedPointIteration(rtol=1e-13), rbp_core.Anderson(rtol=1e-13)])
 @pytest.mark.parametrize(
-    "backward", [rbp_core.OriginalRBP(rtol=1e-13), rbp_core.CGRBP(rtol=1e-13), rbp_core.Neumann(steps=2500)]
+    "backward",
+    [
+        rbp_core.OriginalRBP(rtol=1e-13),
+        rbp_core.CGRBP(rtol=1e-13),
+        rbp_core.GMRES(restart=3, rtol=1e-13),
+        rbp_core.Neumann(steps=2500),
+    ],
 )
 @pytest.mark.parametrize("takes_indices", [False, True])
 def test_per_sample_gradients_are_exact(solver, backward, takes_indices) -> None:

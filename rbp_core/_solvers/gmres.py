@@ -15,6 +15,7 @@ from .._operator import AdjointOperator
 from .._ops import VectorOps
 from .._typing import Array, Namespace
 from ._settings import DEFAULT_MAX_ITER, resolve_rtol
+from .gmres_rows import GMRESRows
 
 __all__ = ["GMRES"]
 
@@ -90,6 +91,10 @@ class GMRES:
     def __post_init__(self) -> None:
         check_int(self.restart, "restart", 1)
         check_tolerances(self.rtol, self.atol, self.max_iter)
+
+    def per_sample(self) -> GMRESRows:
+        """The same method for a batch of independent samples (``batch_axis``): each its own basis."""
+        return GMRESRows(self)
 
     def limits(self, xp: Namespace, dtype: Any) -> Limits:
         """``max_iter`` iterations to ``max(rtol ||g||, atol)``; no divergence test (the residual never grows)."""
