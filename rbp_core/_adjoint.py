@@ -89,9 +89,8 @@ def solve_adjoint(
         diagonal over them). Each sample then has its own norms, tolerance
         (relative to its own ``||g||``), status, history, divergence test and
         error bound, and leaves the iteration when it is done; see the
-        Solution's ``sample_*`` fields and docs/batches.md. Neumann,
-        OriginalRBP, CGRBP and GMRES work per sample; BiCGSTAB and AndersonRBP
-        raise ``NotImplementedError`` with it for now.
+        Solution's ``sample_*`` fields and docs/batches.md. Every adjoint
+        method of rbp-core works per sample.
     takes_indices : bool
         With ``batch_axis``: ``vjp`` and ``jvp`` are called as ``vjp(v, indices)``
         with the samples still iterating only (``indices`` their positions in

@@ -40,6 +40,13 @@ def _subset(xp: Namespace, rows: Array, active: list[int]) -> Array:
     return rows if len(active) == rows.shape[0] else xp.take(rows, index_array(xp, active, rows), axis=0)
 
 
+def _init(solver: Any, f: Any, h0: Array, ops: RowOps, *, secants: bool) -> Any:
+    """``solver.init``, told whether a contraction is claimed when it collects secant pairs for one."""
+    if getattr(solver, "sample_pairs", None) is not None:
+        return solver.init(f, h0, ops, secants=secants)
+    return solver.init(f, h0, ops)
+
+
 def fixed_point_samples(
     f: Any,
     h0: Array,
@@ -73,7 +80,7 @@ def fixed_point_samples(
     outcome = iterate_samples(
         solver,
         cb,
-        solver.init(cb, x0, ops) if active else (None, x0, None),
+        _init(solver, cb, x0, ops, secants=mu is not None) if active else (None, x0, None),
         ops=ops,
         callbacks=[cb],
         active=active,

@@ -13,6 +13,7 @@ from .._ops import VectorOps
 from .._typing import Array, Namespace
 from ._mixing import Memory, check_settings
 from ._settings import DEFAULT_DIVERGENCE_FACTOR, DEFAULT_MAX_ITER, resolve_rtol
+from .anderson_rows import AndersonRBPRows
 
 __all__ = ["AndersonRBP"]
 
@@ -90,6 +91,10 @@ class AndersonRBP:
         check_settings(self.memory, self.mixing, self.regularization)
         check_tolerances(self.rtol, self.atol, self.max_iter)
         check_divergence_factor(self.divergence_factor)
+
+    def per_sample(self) -> AndersonRBPRows:
+        """The same method for a batch of independent samples (``batch_axis``): each its own mixing."""
+        return AndersonRBPRows(self)
 
     def limits(self, xp: Namespace, dtype: Any) -> Limits:
         """``max_iter`` iterations to ``max(rtol ||g||, atol)``."""

@@ -28,10 +28,12 @@ from .._typing import Array, FixedPointMap, Namespace
 from ._mixing import ADAPTIVE_BOUNDS
 
 if TYPE_CHECKING:
+    from .._operator import AdjointOperator
     from .._samples import RowOps
     from .anderson import Anderson
+    from .anderson_rbp import AndersonRBP
 
-__all__ = ["AndersonRows"]
+__all__ = ["AndersonRBPRows", "AndersonRows"]
 
 
 class _Pairs:
@@ -58,6 +60,7 @@ class _Rows:
         "d_res",
         "f",
         "fallback",
+        "g",
         "gamma",
         "h0",
         "pairs",
@@ -82,7 +85,8 @@ class _Rows:
     reject: Array  # (b,) the next point is the plain step from the row's best
     fallback: Array  # (b,) the last point was that plain step
     slot: int
-    pairs: _Pairs
+    pairs: _Pairs | None  # None: no contraction claimed, no secants taken
+    g: Array | None  # (b, n) the right-hand sides, for the adjoint use
 
     def compact(self, keep: Array, b: int) -> _Rows:
         """The state of the samples at positions ``keep`` only (``b`` rows before)."""
@@ -96,7 +100,7 @@ class _Rows:
 class AndersonRows:
     """:class:`~rbp_core.Anderson`'s method for the per-sample driver: one mixing per row, all on the device."""
 
-    settings: Anderson
+    settings: Anderson | AndersonRBP
     name: ClassVar[str] = "anderson"
     differentiable_step: ClassVar[bool] = False
 
@@ -105,61 +109,81 @@ class AndersonRows:
         mixing = self.settings.mixing
         return 1.0 if isinstance(mixing, str) else float(mixing)
 
+    @property
+    def _safeguard(self) -> float:
+        """The rejection factor; none (inf) for a method without safeguard (Anderson-RBP)."""
+        return float(getattr(self.settings, "safeguard", math.inf))
+
     def limits(self, xp: Namespace, dtype: Any) -> Limits:
         """The settings' limits."""
         return self.settings.limits(xp, dtype)
 
-    def init(self, f: FixedPointMap, h0: Array, ops: RowOps) -> tuple[_Rows, Array, None]:  # noqa: ARG002
-        """Nothing evaluated yet: the first step evaluates ``F(h0)``."""
+    def init(
+        self,
+        f: FixedPointMap,  # noqa: ARG002 - part of the protocol
+        h0: Array,
+        ops: RowOps,  # noqa: ARG002 - part of the protocol
+        *,
+        secants: bool = True,
+    ) -> tuple[_Rows, Array, None]:
+        """Nothing evaluated yet: the first step evaluates ``F(h0)``; ``secants`` for a claimed contraction."""
         st = _Rows()
         st.h0, st.G, st.f = h0, None, None
-        st.pairs = _Pairs()
+        st.pairs = _Pairs() if secants else None
         return st, h0, None
 
     def step(self, f: FixedPointMap, st: _Rows, ops: RowOps) -> tuple[_Rows, Array, list[Array], Any]:
         """Evaluate ``F`` at each row's next point; keep each row's best; solve each row's mixing."""
-        xp, cfg = ops.xp, self.settings
+        xp = ops.xp
         if st.G is None or st.f is None:
             h = st.h0
-            b, n = h.shape
-            k = cfg.memory
-            st.d_img = xp.zeros((b, k, n), dtype=h.dtype, device=array_api_compat.device(h))
-            st.d_res = xp.zeros_like(st.d_img)
-            st.valid = xp.zeros((b, k), dtype=xp.bool, device=array_api_compat.device(h))
-            st.gamma = xp.zeros((b, k), dtype=h.dtype, device=array_api_compat.device(h))
-            st.beta = xp.full((b,), self._beta0, dtype=h.dtype, device=array_api_compat.device(h))
-            st.reject = xp.zeros((b,), dtype=xp.bool, device=array_api_compat.device(h))
-            st.slot = -1
-        else:
-            h = xp.where(xp.reshape(st.reject, (-1, 1)), st.best_img, self._mixed(xp, st))
+            G = f(h)
+            self.start(ops, st, h, G)
+            r = st.f
+            assert r is not None
+            res_sq, scale_sq = ops.sqnorm(r), ops.sqnorm(G)
+            return st, st.best_h, [res_sq, scale_sq], ((r, None), (G, None))
+        h = xp.where(xp.reshape(st.reject, (-1, 1)), st.best_img, self._mixed(xp, st))
         G = f(h)
         r = G - h
         res_sq, scale_sq = ops.sqnorm(r), ops.sqnorm(G)
         res = xp.sqrt(res_sq)
-        if st.G is None or st.f is None:
-            st.best_h, st.best_f, st.best_img = h, r, G
-            st.best_res, st.best_scale = res, xp.sqrt(scale_sq)
-            st.fallback = st.reject
-        else:
-            self._remember(xp, ops, st, r, G, h)
-            # Reject a step whose residual grew past the safeguard (not the plain step from the best,
-            # which is taken whatever its residual), restarting that row's memory.
-            fallback = st.reject
-            reject = (res > cfg.safeguard * st.best_res) & ~fallback
-            better = (res < st.best_res) & ~reject
-            col = xp.reshape(better, (-1, 1))
-            st.best_h = xp.where(col, h, st.best_h)
-            st.best_f = xp.where(col, r, st.best_f)
-            st.best_img = xp.where(col, G, st.best_img)
-            st.best_res = xp.where(better, res, st.best_res)
-            st.best_scale = xp.where(better, xp.sqrt(scale_sq), st.best_scale)
-            st.valid = st.valid & ~xp.reshape(reject, (-1, 1))
-            st.beta = xp.where(reject, xp.full_like(st.beta, self._beta0), st.beta)
-            st.reject, st.fallback = reject, fallback
+        self._remember(xp, ops, st, r, G, h)
+        # Reject a step whose residual grew past the safeguard (not the plain step from the best,
+        # which is taken whatever its residual), restarting that row's memory.
+        fallback = st.reject
+        reject = (res > self._safeguard * st.best_res) & ~fallback
+        better = (res < st.best_res) & ~reject
+        col = xp.reshape(better, (-1, 1))
+        st.best_h = xp.where(col, h, st.best_h)
+        st.best_f = xp.where(col, r, st.best_f)
+        st.best_img = xp.where(col, G, st.best_img)
+        st.best_res = xp.where(better, res, st.best_res)
+        st.best_scale = xp.where(better, xp.sqrt(scale_sq), st.best_scale)
+        st.valid = st.valid & ~xp.reshape(reject, (-1, 1))
+        st.beta = xp.where(reject, xp.full_like(st.beta, self._beta0), st.beta)
+        st.reject, st.fallback = reject, fallback
         st.f, st.G = r, G
-        if st.slot >= 0:
-            self._solve(xp, st)
+        self._solve(xp, st)
         return st, st.best_h, [res_sq, scale_sq], ((r, None), (G, None))
+
+    def start(self, ops: RowOps, st: _Rows, h: Array, G: Array) -> None:
+        """The first evaluation ``G = F(h)``, already made: the buffers, and ``h`` as every row's best."""
+        xp, k = ops.xp, self.settings.memory
+        b, n = h.shape
+        device = array_api_compat.device(h)
+        st.d_img = xp.zeros((b, k, n), dtype=h.dtype, device=device)
+        st.d_res = xp.zeros_like(st.d_img)
+        st.valid = xp.zeros((b, k), dtype=xp.bool, device=device)
+        st.gamma = xp.zeros((b, k), dtype=h.dtype, device=device)
+        st.beta = xp.full((b,), self._beta0, dtype=h.dtype, device=device)
+        st.reject = xp.zeros((b,), dtype=xp.bool, device=device)
+        st.fallback = st.reject
+        st.slot = -1
+        r = G - h
+        st.best_h, st.best_f, st.best_img = h, r, G
+        st.best_res, st.best_scale = xp.sqrt(ops.sqnorm(r)), xp.sqrt(ops.sqnorm(G))
+        st.f, st.G = r, G
 
     def _remember(self, xp: Namespace, ops: RowOps, st: _Rows, r: Array, G: Array, h: Array) -> None:
         """Write the newest differences (from the last point, or from the best after a rejection)."""
@@ -172,7 +196,8 @@ class AndersonRows:
         st.d_img[:, st.slot, :] = d_img
         st.d_res[:, st.slot, :] = d_res
         st.valid[:, st.slot] = True
-        st.pairs.items.append((ops.sqnorm(d_img), ops.sqnorm(d_img - d_res)))
+        if st.pairs is not None:
+            st.pairs.items.append((ops.sqnorm(d_img), ops.sqnorm(d_img - d_res)))
         if self.settings.mixing == "adaptive":
             cross, diagonal = ops.dot(d_img, d_res), ops.sqnorm(d_res)
             ok = (diagonal > 0) & xp.isfinite(cross / xp.where(diagonal > 0, diagonal, xp.ones_like(diagonal)))
@@ -219,7 +244,7 @@ class AndersonRows:
 
     def sample_pairs(self, state: Any) -> list[tuple[Array, Array]]:
         """The secant pairs met, for the check of a claimed contraction."""
-        return list(state.pairs.items)
+        return [] if state.pairs is None else list(state.pairs.items)
 
     def stats(self, state: Any) -> dict[str, object]:  # noqa: ARG002 - part of the protocol
         """``memory_vectors``: state-sized arrays per sample."""
@@ -251,3 +276,46 @@ def _solve_spd(xp: Namespace, H: Array, b: Array) -> Array:
     for i in range(k - 1, -1, -1):
         x[:, i] = (y[:, i] - xp.sum(L[:, i + 1 :, i] * x[:, i + 1 :], axis=-1)) / L[:, i, i]
     return x
+
+
+@dataclass(frozen=True)
+class AndersonRBPRows:
+    """:class:`~rbp_core.AndersonRBP`'s method for the per-sample driver: Anderson rows on ``z <- J^T z + g``.
+
+    The same mixing as :class:`AndersonRows` without a safeguard (as the host version), starting
+    from the free image ``g`` of ``z = 0``. Each sample's value is its iterate with the smallest
+    residual (the host version returns its last; they agree whenever a sample converges).
+    """
+
+    settings: AndersonRBP
+    name: ClassVar[str] = "anderson_rbp"
+    needs_jvp: ClassVar[bool] = False
+    supports_warm_start: ClassVar[bool] = True
+    successive_images: ClassVar[bool] = False
+
+    @property
+    def _rows(self) -> AndersonRows:
+        return AndersonRows(self.settings)
+
+    def limits(self, xp: Namespace, dtype: Any) -> Limits:
+        """The settings' limits."""
+        return self.settings.limits(xp, dtype)
+
+    def init(self, A: AdjointOperator, g: Array, z0: Array | None, ops: RowOps) -> tuple[_Rows, Array, Any]:
+        """``z0`` (one VJP for its image) or 0 (whose image ``g`` is free); its residual is the reference."""
+        z = ops.xp.zeros_like(g) if z0 is None else z0
+        G = g if z0 is None else A.vjp(z0) + g
+        st = _Rows()
+        st.h0, st.g, st.pairs = z, g, None
+        self._rows.start(ops, st, z, G)
+        return st, z, ((ops.sqnorm(st.f),), ((st.f, None),))
+
+    def step(self, A: AdjointOperator, st: _Rows, ops: RowOps) -> tuple[_Rows, Array, list[Array], Any]:
+        """One mixed step of every row; monitors each row's ``||J^T z + g - z||``."""
+        g = st.g
+        st, best, sqs, vectors = self._rows.step(lambda z: A.vjp(z) + g, st, ops)
+        return st, best, sqs[:1], vectors[:1]
+
+    def stats(self, state: Any) -> dict[str, object]:  # noqa: ARG002 - part of the protocol
+        """``memory_vectors``: state-sized arrays per sample."""
+        return {"memory_vectors": 2 * self.settings.memory + 8}

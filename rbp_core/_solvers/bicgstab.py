@@ -14,6 +14,7 @@ from .._operator import AdjointOperator
 from .._ops import VectorOps
 from .._typing import Array, Namespace
 from ._settings import DEFAULT_MAX_ITER, resolve_rtol
+from .bicgstab_rows import BiCGSTABRows
 
 __all__ = ["BiCGSTAB"]
 
@@ -101,6 +102,10 @@ class BiCGSTAB:
 
     def __post_init__(self) -> None:
         check_tolerances(self.rtol, self.atol, self.max_iter)
+
+    def per_sample(self) -> BiCGSTABRows:
+        """The same method for a batch of independent samples (``batch_axis``): each its own scalars."""
+        return BiCGSTABRows(self)
 
     def limits(self, xp: Namespace, dtype: Any) -> Limits:
         """``max_iter`` iterations to ``max(rtol ||g||, atol)``; no divergence test (restarts handle growth)."""
