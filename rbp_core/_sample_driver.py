@@ -58,8 +58,8 @@ def check_batchable(solver: object, label: str) -> None:
     if host:
         msg = (
             f"{label} does not take batch_axis yet: its {', '.join(host)} works on the whole batch, not per "
-            "sample. Per sample, use FixedPointIteration or Anderson forward (any adjoint method works per "
-            "sample), or solve without batch_axis"
+            "sample, and it has no per_sample() form. Every solver of rbp-core works per sample; or solve "
+            "without batch_axis"
         )
         raise NotImplementedError(msg)
 

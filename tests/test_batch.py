@@ -22,7 +22,7 @@ import rbp_core
 from conftest import ADJOINT_METHODS, FORWARD_SOLVERS
 from rbp_core import Status
 
-BATCHABLE_FORWARD = ("iteration", "damped", "anderson")
+BATCHABLE_FORWARD = ("iteration", "damped", "anderson", "broyden")
 BATCHABLE_ADJOINT = ("neumann", "original", "cg", "gmres", "bicgstab", "anderson")
 
 
@@ -277,11 +277,32 @@ def test_callers_arrays_are_never_modified(backend) -> None:
     assert z.value is not g
 
 
-@pytest.mark.parametrize("name", [n for n in FORWARD_SOLVERS if n not in BATCHABLE_FORWARD])
-def test_forward_solvers_without_a_per_sample_form_are_refused(backend, name) -> None:
-    solver = FORWARD_SOLVERS[name].converged(1e-8, 0.5)
-    with pytest.raises(NotImplementedError, match=f"{type(solver).__name__} does not take batch_axis yet"):
-        rbp_core.fixed_point(lambda h: 0.5 * h, backend.asarray(np.ones((2, 3))), solver, batch_axis=0)
+def test_a_solver_without_a_per_sample_form_is_refused(backend) -> None:
+    class HostSolver:  # host logic per solve (a host_update), and no per_sample() form
+        name = "host_solver"
+        differentiable_step = False
+
+        def limits(self, xp, dtype):
+            return rbp_core.FixedPointIteration().limits(xp, dtype)
+
+        def init(self, f, h0, ops):
+            return h0, h0, None
+
+        def step(self, f, state, ops):
+            h = f(state)
+            return h, h, ops.step_sqnorms(h, state), ((h, state), (h, None))
+
+        def host_update(self, state, values):
+            return state, values[0], values[1]
+
+        def step_contraction(self, mu):
+            return None
+
+        def error_bound(self, xp, like, mu, norms, previous, state):
+            return 0.0
+
+    with pytest.raises(NotImplementedError, match="HostSolver does not take batch_axis yet: its host_update"):
+        rbp_core.fixed_point(lambda h: 0.5 * h, backend.asarray(np.ones((2, 3))), HostSolver(), batch_axis=0)
 
 
 def test_bad_batch_arguments(backend) -> None:
@@ -334,7 +355,8 @@ def test_no_warnings_on_a_clean_batch(backend) -> None:
         )
 
 
-def test_anderson_per_sample_solves_what_plain_iteration_cannot(backend) -> None:
+@pytest.mark.parametrize("which", ["anderson", "broyden"])
+def test_accelerated_per_sample_solve_what_plain_iteration_cannot(backend, which) -> None:
     J, b = batch_problem(9, [0.3, 0.6, 0.9], 6)
     rng = np.random.default_rng(1)
     Q, _ = np.linalg.qr(rng.standard_normal((6, 6)))
@@ -343,14 +365,15 @@ def test_anderson_per_sample_solves_what_plain_iteration_cannot(backend) -> None
     h0 = backend.asarray(np.zeros_like(b))
     plain = rbp_core.fixed_point(maps.f, h0, rbp_core.FixedPointIteration(rtol=1e-10), batch_axis=0, throw=False)
     assert plain.failed_samples == (1,)
-    sol = rbp_core.fixed_point(maps.f, h0, rbp_core.Anderson(rtol=1e-12, max_iter=500), batch_axis=0)
+    solver = rbp_core.Anderson(rtol=1e-12, max_iter=500) if which == "anderson" else rbp_core.Broyden(rtol=1e-12)
+    sol = rbp_core.fixed_point(maps.f, h0, solver, batch_axis=0)
     np.testing.assert_allclose(backend.to_numpy(sol.value), exact_fixed_points(J, b), atol=1e-9)
     # the other samples' iterations are untouched by the hard one
     easy = [0, 2]
     alone = rbp_core.fixed_point(
         Maps(backend, J[easy], b[easy]).f,
         backend.asarray(np.zeros_like(b[easy])),
-        rbp_core.Anderson(rtol=1e-12, max_iter=500),
+        solver,
         batch_axis=0,
     )
     np.testing.assert_array_equal(backend.to_numpy(alone.value), backend.to_numpy(sol.value)[easy])

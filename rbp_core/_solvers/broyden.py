@@ -14,6 +14,7 @@ from .._ops import VectorOps
 from .._typing import Array, FixedPointMap, Namespace
 from ._best import BestIterate, record_best
 from ._settings import DEFAULT_DIVERGENCE_FACTOR, DEFAULT_MAX_ITER, resolve_rtol
+from .broyden_rows import BroydenRows
 
 __all__ = ["Broyden"]
 
@@ -124,6 +125,10 @@ class Broyden(BestIterate):
     def limits(self, xp: Namespace, dtype: Any) -> Limits:
         """``max_iter`` calls of ``f`` to ``max(rtol ||F(h)||, atol)``."""
         return Limits(self.max_iter, resolve_rtol(self.rtol, xp, dtype), self.atol, self.divergence_factor)
+
+    def per_sample(self) -> BroydenRows:
+        """The same method for a batch of independent samples (``batch_axis``): each its own updates."""
+        return BroydenRows(self)
 
     def start(self, h0: Array, *, secants: bool) -> _State:
         """The state before the first evaluation."""
