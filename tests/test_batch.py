@@ -3,10 +3,21 @@
 The batched problems act on each sample with its own matrix, computed row by row
 (``sum(J[s] * h[s], axis=-1)``): every sample's arithmetic is the same sequence of operations
 whatever else is in its batch. A solve with ``batch_axis`` takes every per-sample decision from
-that sample's norms alone, so a sample solved in any batch must give the bit-identical value,
-status and step count it gives alone: the allowance for batching is zero here. (A batched matrix
-product, whose summation order may depend on the batch size, would need the summation bound
-``2 n eps |J| |h|`` per step, divided by ``1 - mu``, on top; these maps avoid that on purpose.)
+that sample's norms alone, so on the CPU a sample solved in any batch must give the bit-identical
+value, status and step count it gives alone: the allowance for batching is zero there. (A batched
+matrix product, whose summation order may depend on the batch size, would need the summation
+bound ``2 n eps |J| |h|`` per step, divided by ``1 - mu``, on top; these maps avoid that on
+purpose.)
+
+That holds for NumPy and array-api-strict, whose batched products (the solvers' own small
+``matmul`` of Anderson, Broyden and GMRES) compute each batch element alike. Torch may not: a
+batched product over one matrix takes another kernel than over several (seen with Hypothesis's
+thorough profile: one ulp in a Broyden residual), and on a GPU the row reductions may choose their
+summation order by the shape. Then a sample's norms can differ by that rounding between batches,
+a stopping test can flip at its threshold, and a step count can differ by one. There the
+property allows exactly that: both results stop within their tolerance of the same fixed point,
+so they are within twice the stopping test's error bound (``tol ||h|| / (1 - mu)`` each) of each
+other.
 """
 
 from __future__ import annotations
@@ -21,6 +32,9 @@ from hypothesis import strategies as st
 import rbp_core
 from conftest import ADJOINT_METHODS, FORWARD_SOLVERS
 from rbp_core import Status
+
+BIT_IDENTICAL = ("numpy", "numpy-readonly", "array-api-strict", "array-api-strict-noext")
+"""The backends whose per-sample results are bit-identical in any batch (see above)."""
 
 BATCHABLE_FORWARD = ("iteration", "damped", "anderson", "broyden")
 BATCHABLE_ADJOINT = ("neumann", "original", "cg", "gmres", "bicgstab", "anderson")
@@ -70,6 +84,16 @@ def exact_adjoints(J: np.ndarray, g: np.ndarray) -> np.ndarray:
     return np.stack([np.linalg.solve(np.eye(J.shape[1]) - J[s].T, g[s]) for s in range(len(g))])
 
 
+def assert_same_samples(backend, got, want, steps_got, steps_want, scale: float, mu: float) -> None:
+    """The same values and step counts: bit-identical where the backend allows, else within the allowance above."""
+    if backend.name in BIT_IDENTICAL:
+        np.testing.assert_array_equal(got, want)
+        assert steps_got == steps_want
+        return
+    np.testing.assert_allclose(got, want, rtol=0, atol=2 * 1e-10 * scale / (1 - mu) + 1e-14)
+    assert all(abs(a - b) <= 1 for a, b in zip(steps_got, steps_want, strict=True))
+
+
 batches = st.tuples(
     st.integers(0, 2**32 - 1),
     st.lists(st.floats(0.05, 0.95), min_size=1, max_size=5),
@@ -90,16 +114,18 @@ def test_forward_is_batch_invariant(backend, case, which, data) -> None:
     sub = rbp_core.fixed_point(
         Maps(backend, J[subset], b[subset]).f, backend.asarray(np.zeros_like(b[subset])), solver, batch_axis=0
     )
-    np.testing.assert_array_equal(backend.to_numpy(sub.value), value[subset])
-    assert sub.sample_num_steps == tuple(batch.sample_num_steps[s] for s in subset)
+    scale, mu = float(np.abs(value).max()) * np.sqrt(n), max(mus)
+    steps = tuple(batch.sample_num_steps[s] for s in subset)
+    assert_same_samples(backend, backend.to_numpy(sub.value), value[subset], sub.sample_num_steps, steps, scale, mu)
     assert sub.sample_status == tuple(batch.sample_status[s] for s in subset)
-    assert sub.sample_residual_norms == tuple(batch.sample_residual_norms[s] for s in subset)
+    if backend.name in BIT_IDENTICAL:
+        assert sub.sample_residual_norms == tuple(batch.sample_residual_norms[s] for s in subset)
     for s in subset[:2]:  # alone
         one = rbp_core.fixed_point(
             Maps(backend, J[s : s + 1], b[s : s + 1]).f, backend.asarray(np.zeros((1, n))), solver, batch_axis=0
         )
-        np.testing.assert_array_equal(backend.to_numpy(one.value)[0], value[s])
-        assert one.sample_num_steps == (batch.sample_num_steps[s],)
+        got = backend.to_numpy(one.value)[0]
+        assert_same_samples(backend, got, value[s], one.sample_num_steps, (batch.sample_num_steps[s],), scale, mu)
 
 
 @given(case=batches, which=st.sampled_from(BATCHABLE_ADJOINT), data=st.data())
@@ -114,8 +140,9 @@ def test_adjoint_is_batch_invariant(backend, case, which, data) -> None:
     subset = data.draw(st.permutations(range(len(mus))).flatmap(lambda p: st.integers(1, len(p)).map(lambda k: p[:k])))
     sub_maps = Maps(backend, J[subset], g[subset])
     sub = rbp_core.solve_adjoint(sub_maps.vjp, backend.asarray(g[subset]), method, jvp=sub_maps.jvp, batch_axis=0)
-    np.testing.assert_array_equal(backend.to_numpy(sub.value), value[subset])
-    assert sub.sample_num_steps == tuple(batch.sample_num_steps[s] for s in subset)
+    scale, mu = float(np.abs(value).max()) * np.sqrt(n), max(mus)
+    steps = tuple(batch.sample_num_steps[s] for s in subset)
+    assert_same_samples(backend, backend.to_numpy(sub.value), value[subset], sub.sample_num_steps, steps, scale, mu)
     assert sub.sample_status == tuple(batch.sample_status[s] for s in subset)
 
 
@@ -172,19 +199,24 @@ def test_samples_leave_the_batch_with_indices(backend) -> None:
     solver = rbp_core.FixedPointIteration(rtol=1e-10)
     whole = rbp_core.fixed_point(maps.f, backend.asarray(np.zeros_like(b)), solver, batch_axis=0)
     subset = rbp_core.fixed_point(f, backend.asarray(np.zeros_like(b)), solver, batch_axis=0, takes_indices=True)
-    np.testing.assert_array_equal(backend.to_numpy(subset.value), backend.to_numpy(whole.value))
-    assert subset.sample_num_steps == whole.sample_num_steps
+    hw = backend.to_numpy(whole.value)
+    scale = float(np.abs(hw).max()) * 6**0.5
+    assert_same_samples(
+        backend, backend.to_numpy(subset.value), hw, subset.sample_num_steps, whole.sample_num_steps, scale, 0.95
+    )
     assert whole.num_sample_evals == whole.num_f_evals * 4  # every call evaluates the whole batch
     assert subset.num_sample_evals == sum(subset.sample_num_steps)  # each sample only while it iterates
     assert seen[0] == [0, 1, 2, 3]
-    assert seen[-1] == [1]  # the slowest sample ends alone
+    assert seen[-1] == [1]  # the slowest sample (contraction 0.95) ends alone
     assert all(sorted(s) == s for s in seen)
     # the adjoint side: vjp and jvp on the active samples only
     g = backend.asarray(b)
     for method in (rbp_core.OriginalRBP(rtol=1e-10), rbp_core.CGRBP(rtol=1e-10), rbp_core.Neumann(steps=30)):
         w = rbp_core.solve_adjoint(maps.vjp, g, method, jvp=maps.jvp, batch_axis=0)
         s = rbp_core.solve_adjoint(maps.vjp, g, method, jvp=maps.jvp, batch_axis=0, takes_indices=True)
-        np.testing.assert_array_equal(backend.to_numpy(s.value), backend.to_numpy(w.value))
+        zw = backend.to_numpy(w.value)
+        scale = float(np.abs(zw).max()) * 6**0.5
+        assert_same_samples(backend, backend.to_numpy(s.value), zw, s.sample_num_steps, w.sample_num_steps, scale, 0.95)
         per_call = 2 if method.needs_jvp else 1
         assert s.num_sample_evals <= per_call * sum(s.sample_num_steps) + 4
         assert w.num_sample_evals == 4 * (w.num_vjp + w.num_jvp)
@@ -376,7 +408,10 @@ def test_accelerated_per_sample_solve_what_plain_iteration_cannot(backend, which
         solver,
         batch_axis=0,
     )
-    np.testing.assert_array_equal(backend.to_numpy(alone.value), backend.to_numpy(sol.value)[easy])
+    hs = backend.to_numpy(sol.value)
+    steps = tuple(sol.sample_num_steps[s] for s in easy)
+    scale = float(np.abs(hs).max()) * 6**0.5
+    assert_same_samples(backend, backend.to_numpy(alone.value), hs[easy], alone.sample_num_steps, steps, scale, 0.9)
 
 
 @pytest.mark.parametrize("which", BATCHABLE_FORWARD + BATCHABLE_ADJOINT)
