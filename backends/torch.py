@@ -19,7 +19,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeAlias, cast
+from typing import Any, Literal, TypeAlias, TypeVar, cast
 
 import array_api_compat
 import torch
@@ -27,18 +27,21 @@ import torch
 import rbp_core
 from rbp_core import AdjointMethod, BackwardFailureWarning, ForwardSolver, Solution
 from rbp_core._adjoint import OnFailure, check_policy
-from rbp_core._checks import check_contraction, check_instance, check_int
+from rbp_core._checks import check_contraction, check_damping, check_instance, check_int
 from rbp_core._forward import check_solver
 from rbp_core._ops import ops_for
 from rbp_core._samples import check_takes_indices
 
 __all__ = [
     "BPTT",
+    "JFB",
     "TBPTT",
     "BackwardFailureWarning",
     "FixedPoint",
     "FixedPointInfo",
+    "PhantomGradient",
     "fixed_point",
+    "jacobian_penalty",
 ]
 
 State: TypeAlias = torch.Tensor | tuple[torch.Tensor, ...]
@@ -85,7 +88,67 @@ class TBPTT:
         check_int(self.steps, "TBPTT steps", 1)
 
 
-Backward: TypeAlias = AdjointMethod | BPTT | TBPTT
+@dataclass(frozen=True)
+class PhantomGradient:
+    """An inexact gradient: back-propagation through ``steps`` damped steps taken from ``h*``.
+
+    The forward solve runs to its tolerance without a graph (any forward solver); then
+    ``h <- (1 - damping) h + damping f(h)`` runs ``steps`` times with autograd from ``h*``
+    (detached), and the output is the last of them. Its gradient is that of the unrolled steps,
+    ``sum_{t<k} (damping J^T + (1 - damping) I)^t`` applied to ``damping dF/dw`` in place of
+    ``(I - J^T)^{-1} dF/dw``: cheap (``steps`` VJPs, memory for ``steps`` steps, none for the
+    forward iterations) and inexact; no backward solve, so ``info.backward`` stays empty.
+    ``PhantomGradient(steps=1, damping=1.0)`` is :class:`JFB`.
+
+    Parameters
+    ----------
+    steps : int
+        ``k >= 1`` unrolled steps (TorchDEQ's ``grad=k``).
+    damping : float
+        ``lambda`` in (0, 1] (default 1: plain steps).
+
+    Examples
+    --------
+    >>> from rbp_core.backends.torch import PhantomGradient
+    >>> PhantomGradient(steps=5, damping=0.8)
+    PhantomGradient(steps=5, damping=0.8)
+    """
+
+    steps: int
+    damping: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_int(self.steps, "PhantomGradient steps", 1)
+        check_damping(self.damping, "PhantomGradient damping")
+
+
+@dataclass(frozen=True)
+class JFB:
+    """The Jacobian-free backward: the gradient of one step ``f(h*)`` at the fixed point.
+
+    ``(I - J^T)^{-1}`` is replaced by ``I``, so the parameters get ``g^T dF/dw`` at ``h*``: the
+    cheapest gradient (one VJP through one step), a descent direction when ``||J||`` is small
+    enough, and inexact. The same as ``PhantomGradient(steps=1)``.
+
+    Examples
+    --------
+    >>> from rbp_core.backends.torch import JFB
+    >>> JFB()
+    JFB()
+    """
+
+    @property
+    def steps(self) -> int:
+        """One step."""
+        return 1
+
+    @property
+    def damping(self) -> float:
+        """Plain steps."""
+        return 1.0
+
+
+Backward: TypeAlias = AdjointMethod | BPTT | TBPTT | PhantomGradient | JFB
 
 
 @dataclass
@@ -256,10 +319,11 @@ def _check_options(
     if jvp_mode not in ("forward", "double-backward"):
         msg = f"jvp_mode must be 'forward' or 'double-backward', got {jvp_mode!r}"
         raise ValueError(msg)
-    if not isinstance(backward, BPTT | TBPTT | AdjointMethod):
+    if not isinstance(backward, BPTT | TBPTT | PhantomGradient | JFB | AdjointMethod):
         msg = (
             "backward must be rbp_core.Neumann, rbp_core.OriginalRBP, rbp_core.CGRBP (or another "
-            f"rbp_core.AdjointMethod), or rbp_core.backends.torch.BPTT / TBPTT; got {backward!r}"
+            "rbp_core.AdjointMethod), or rbp_core.backends.torch.BPTT / TBPTT / JFB / PhantomGradient; "
+            f"got {backward!r}"
         )
         raise TypeError(msg)
     if isinstance(backward, BPTT | TBPTT) and not solver.differentiable_step:
@@ -319,6 +383,20 @@ def _refuse_functorch(name: str) -> None:
         raise RuntimeError(msg)
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _eager(fn: _F) -> _F:
+    """``fn`` run eagerly under ``torch.compile`` (``torch.compiler.disable``).
+
+    A solve is a host loop with one transfer per iteration and a gradient hook, which tracing would
+    split into graph breaks and recompilations (23 s for a small model here, against 2 s) without
+    changing a number; the code around the layer is still compiled.
+    """
+    return cast("_F", torch.compiler.disable(fn))  # type: ignore[no-untyped-call]
+
+
+@_eager
 def fixed_point(
     f: Callable[..., Any],
     h0: State,
@@ -461,7 +539,7 @@ def fixed_point(
         _require_grad(h_out.requires_grad, name)
         record = dataclasses.replace(sol, value=sol.value.detach())  # the info holds no graph
         return packing.unpack(h_out), FixedPointInfo(forward=record, method=name)
-    if not isinstance(backward, TBPTT) and torch.is_grad_enabled():
+    if not isinstance(backward, TBPTT | PhantomGradient | JFB) and torch.is_grad_enabled():
         _refuse_functorch(name)  # before the forward solve, which would be wasted
 
     with torch.no_grad():
@@ -477,6 +555,14 @@ def fixed_point(
     h_star = sol.value.detach()
     if not torch.is_grad_enabled():
         return packing.unpack(f_flat(h_star)), info
+
+    if isinstance(backward, PhantomGradient | JFB):
+        # k damped steps from h*, under autograd: the graph of those steps only.
+        h, beta = h_star, backward.damping
+        for _ in range(backward.steps):
+            h = f_flat(h) if beta == 1.0 else (1.0 - beta) * h + beta * f_flat(h)
+        _require_grad(h.requires_grad, name)
+        return packing.unpack(h), info
 
     if isinstance(backward, TBPTT):
         ops = ops_for(rbp_core._callbacks.namespace_of(h_star, "h0"))
@@ -712,6 +798,61 @@ class _ActiveSamples:
             return full(whole)[idx]
 
         return jvp
+
+
+def jacobian_penalty(
+    f: Callable[[Any], Any],
+    h: State,
+    *,
+    samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A differentiable Hutchinson estimate of ``||df/dh||_F^2 / n`` at ``h``, for adding to a loss.
+
+    The Jacobian regularisation of deep equilibrium models (Bai, Koltun and Kolter, 2021): with
+    ``eps`` standard normal, ``E ||J^T eps||^2 = ||J||_F^2``, so the mean over ``samples`` probes
+    of ``||J^T eps||^2 / n`` (``n`` the state's elements) estimates the squared Frobenius norm per
+    element. Each probe costs one VJP through one recorded step ``f(h)`` (``h`` detached) and its
+    graph is kept (``create_graph``), so the penalty's gradient reaches the parameters of ``f``.
+    Penalising it keeps ``J`` small: fewer forward and backward iterations.
+
+    Parameters
+    ----------
+    f : callable
+        The map of the fixed point, ``h -> f(h)``, as given to :func:`fixed_point`.
+    h : Tensor or tuple of Tensor
+        Where to estimate it: the fixed point (the output of :func:`fixed_point`).
+    samples : int
+        Probes (>= 1) averaged.
+    generator : optional
+        A ``torch.Generator``, for reproducible probes.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from rbp_core.backends.torch import jacobian_penalty
+    >>> W = torch.nn.Parameter(torch.full((3, 3), 0.1, dtype=torch.float64))
+    >>> penalty = jacobian_penalty(lambda h: h @ W.T, torch.zeros(2, 3, dtype=torch.float64), samples=4)
+    >>> penalty.requires_grad, penalty.shape
+    (True, torch.Size([]))
+    """
+    check_int(samples, "samples", 1)
+    packing = _Packing(h)
+    h_in = packing.pack(h, "h").detach().requires_grad_()
+    with torch.enable_grad():
+        out = packing.pack(f(packing.unpack(h_in)), "f")
+    if not _has_other_leaves(out, h_in):
+        msg = (
+            "jacobian_penalty: no tensor that f uses requires grad, so the penalty would carry no gradient. "
+            "Make the parameters of f require grad, or leave the penalty out under torch.no_grad()."
+        )
+        raise ValueError(msg)
+    total = out.new_zeros(())
+    for _ in range(samples):
+        probe = torch.randn(out.shape, dtype=out.dtype, device=out.device, generator=generator)
+        (jtp,) = torch.autograd.grad(out, h_in, probe, create_graph=True, retain_graph=True, materialize_grads=True)
+        total = total + jtp.square().sum()
+    return total / (samples * out.numel())
 
 
 # --- the module ---------------------------------------------------------------------------------

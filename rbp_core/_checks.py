@@ -66,14 +66,14 @@ def check_contraction(value: object) -> float | None:
     return v
 
 
-def check_damping(value: object) -> float:
+def check_damping(value: object, name: str = "damping") -> float:
     """A damping factor in (0, 1]."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        msg = f"damping must be a real number in (0, 1], got {value!r}"
+        msg = f"{name} must be a real number in (0, 1], got {value!r}"
         raise TypeError(msg)
     d = float(value)
     if not 0.0 < d <= 1.0:
-        msg = f"damping must lie in (0, 1], got {value!r}"
+        msg = f"{name} must lie in (0, 1], got {value!r}"
         raise ValueError(msg)
     return d
 

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, settings
 import rbp_core
 
 # A script for the wheel check of ``nox -s build`` (and test_packaging.py), not a test module.
-collect_ignore = ["packaging_check.py"]
+collect_ignore = ["packaging_check.py", "ddp_worker.py", "ddp_problem.py"]
 
 # --- Hypothesis profiles ------------------------------------------------------------------------
 # The backend fixture is immutable for the duration of a test, so sharing it across examples is fine.
