@@ -102,7 +102,7 @@ def bench(session: nox.Session) -> None:
     """Benchmarks: solver overhead, the Krylov methods' products against SciPy, the PyTorch adapter and its peers.
 
     ``nox -s bench -- ARGS`` passes ARGS to ``bench_core.py``; ``bench_krylov.py``, ``bench_forward.py``,
-    ``bench_torch.py``, ``bench_deq.py``, ``bench_train.py`` and ``bench_batch.py`` run with their defaults (torch pinned by ``constraints.txt``; TorchDEQ and
+    ``bench_torch.py``, ``bench_deq.py``, ``bench_train.py``, ``bench_batch.py`` and ``bench_warm.py`` run with their defaults (torch pinned by ``constraints.txt``; TorchDEQ and
     TorchOpt are the peers they compare with). One intra-op thread, as the timing scripts expect.
     """
     _install(session, "-e", ".", "numpy>=1.26", "scipy>=1.11", "torch", "torchdeq", "torchopt")
@@ -114,6 +114,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_deq.py", env=env)
     session.run("python", "benchmarks/bench_train.py", env=env)
     session.run("python", "benchmarks/bench_batch.py", env=env)
+    session.run("python", "benchmarks/bench_warm.py", env=env)
 
 
 @nox.session

@@ -158,3 +158,56 @@ def test_jacobian_penalty_of_a_linear_map_and_bad_input() -> None:
         jacobian_penalty(lambda v: v @ W.T, h, samples=0)
     pair = jacobian_penalty(lambda s: (s[0] @ W.T, s[1] * 0.5), (h, torch.ones(3, dtype=torch.float64)))
     assert pair.requires_grad
+
+
+class _Cell(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        W, _, _ = layer(6, scale=0.9)
+        self.W = W
+
+    def forward(self, h, x):
+        return torch.tanh(h @ self.W.T + x)
+
+
+@pytest.mark.parametrize("mode", [True, "forward", "both"])
+def test_warm_starts_save_forward_iterations_and_keep_the_results(mode) -> None:
+    from rbp_core.backends.torch import FixedPoint
+
+    x = torch.randn(B, N, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    g = torch.ones(B, N, dtype=torch.float64)
+    kwargs = {"backward": rbp_core.GMRES(rtol=1e-12), "solver": rbp_core.Anderson(rtol=1e-12), "batch_axis": 0}
+    cold = FixedPoint(_Cell(), **kwargs)
+    warm = FixedPoint(_Cell(), warm_start=mode, **kwargs)
+    ids = torch.arange(B)
+    h0 = torch.zeros(B, N, dtype=torch.float64)
+    results = []
+    for net in (cold, warm):
+        for visit in range(2):
+            h = net(x, h0, ids=ids) if net is warm else net(x, h0)
+            (grad,) = torch.autograd.grad(h, net.cell.W, g)
+            results.append((visit, h.detach(), grad, net.info.forward.num_sample_evals))
+    (_, hc, gc, ec), (_, hc2, gc2, ec2), (_, hw, gw, ew), (_, hw2, gw2, ew2) = results
+    assert ew == ec  # a first visit starts cold: the same solve
+    torch.testing.assert_close(hw, hc, rtol=0, atol=0)
+    torch.testing.assert_close(gw, gc, rtol=0, atol=0)
+    assert ew2 < ec2  # the second visit starts from the kept fixed points
+    torch.testing.assert_close(hw2, hc2, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gw2, gc2, rtol=1e-9, atol=1e-12)
+    assert len(warm.warm) == B
+    assert bool(warm.warm_adjoint) == (mode == "both")
+
+
+def test_bad_warm_start_settings() -> None:
+    from rbp_core.backends.torch import FixedPoint
+
+    with pytest.raises(ValueError, match="warm_start needs a batch_axis"):
+        FixedPoint(_Cell(), backward=JFB(), warm_start=True)
+    with pytest.raises(ValueError, match="warm_start must be False, True, 'forward' or 'both'"):
+        FixedPoint(_Cell(), backward=JFB(), batch_axis=0, warm_start="adjoint")
+    net = FixedPoint(_Cell(), backward=JFB(), batch_axis=0, warm_start=True)
+    h0 = torch.zeros(B, N, dtype=torch.float64)
+    with pytest.raises(ValueError, match="needs the samples' ids"):
+        net(h0, h0)
+    with pytest.raises(ValueError, match="ids must be 4 integers"):
+        net(h0, h0, ids=[0, 1])
