@@ -211,3 +211,53 @@ def test_bad_warm_start_settings() -> None:
         net(h0, h0)
     with pytest.raises(ValueError, match="ids must be 4 integers"):
         net(h0, h0, ids=[0, 1])
+
+
+def _precision_grad(dtype, solver, backward, batch_axis=None, autocast=False):
+    gen = torch.Generator().manual_seed(8)
+    n, b = 24, 6
+    A = torch.randn(n, n, dtype=torch.float64, generator=gen)
+    W = torch.nn.Parameter((0.5 * A / torch.linalg.matrix_norm(A, 2)).to(dtype))
+    x = torch.randn(b, n, dtype=torch.float64, generator=gen).to(dtype)
+    g = torch.randn(b, n, dtype=torch.float64, generator=gen)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+    with ctx:
+        h, info = fixed_point(
+            lambda h: torch.tanh(h @ W.T + x),
+            torch.zeros(b, n, dtype=dtype),
+            backward=backward,
+            solver=solver,
+            batch_axis=batch_axis,
+            on_backward_failure="raise",
+        )
+    (grad,) = torch.autograd.grad(h, W, g.to(h.dtype))
+    return grad.double(), info, h.dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("solver", [rbp_core.FixedPointIteration(), rbp_core.Anderson(), rbp_core.Broyden()])
+@pytest.mark.parametrize("backward", [rbp_core.GMRES(), rbp_core.OriginalRBP(), rbp_core.CGRBP()])
+@pytest.mark.parametrize("batch_axis", [None, 0])
+def test_half_precision_training_gradients(dtype, solver, backward, batch_axis) -> None:
+    ref, _, _ = _precision_grad(torch.float32, rbp_core.FixedPointIteration(), rbp_core.GMRES())
+    grad, info, out_dtype = _precision_grad(dtype, solver, backward, batch_axis)
+    assert out_dtype == dtype  # the state keeps its dtype; norms and solver scalars are float32
+    assert info.forward.converged
+    assert info.backward_converged
+    # Both solves stop at the dtype's default rtol = sqrt(eps); with ||J|| <= 0.5 each leaves an
+    # error of at most rtol / (1 - 0.5) relative: within 4 sqrt(eps) of the float32 gradient.
+    tol = 4 * float(torch.finfo(dtype).eps) ** 0.5
+    assert float((grad - ref).norm() / ref.norm()) <= tol
+
+
+def test_autocast_tolerances_follow_the_autocast_dtype() -> None:
+    ref, _, _ = _precision_grad(torch.float32, rbp_core.FixedPointIteration(), rbp_core.GMRES())
+    grad, info, out_dtype = _precision_grad(torch.float32, rbp_core.Anderson(), rbp_core.GMRES(), autocast=True)
+    assert out_dtype == torch.float32
+    assert info.backward_converged  # float32's default tolerance would end by its budget here
+    rtol = float(torch.finfo(torch.bfloat16).eps) ** 0.5
+    assert info.forward.tolerance is not None
+    assert float((grad - ref).norm() / ref.norm()) <= 4 * rtol
+    # explicit tolerances are kept: the same solve asked for 1e-12 cannot reach it in bfloat16
+    with pytest.raises(rbp_core.ConvergenceError):
+        _precision_grad(torch.float32, rbp_core.Anderson(rtol=1e-12, max_iter=50), rbp_core.GMRES(), autocast=True)

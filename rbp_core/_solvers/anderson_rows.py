@@ -175,14 +175,15 @@ class AndersonRows:
         st.d_img = xp.zeros((b, k, n), dtype=h.dtype, device=device)
         st.d_res = xp.zeros_like(st.d_img)
         st.valid = xp.zeros((b, k), dtype=xp.bool, device=device)
-        st.gamma = xp.zeros((b, k), dtype=h.dtype, device=device)
-        st.beta = xp.full((b,), self._beta0, dtype=h.dtype, device=device)
+        r = G - h
+        res = xp.sqrt(ops.sqnorm(r))  # in the norms' precision: the coefficients' too
+        st.gamma = xp.zeros((b, k), dtype=res.dtype, device=device)
+        st.beta = xp.full((b,), self._beta0, dtype=res.dtype, device=device)
         st.reject = xp.zeros((b,), dtype=xp.bool, device=device)
         st.fallback = st.reject
         st.slot = -1
-        r = G - h
         st.best_h, st.best_f, st.best_img = h, r, G
-        st.best_res, st.best_scale = xp.sqrt(ops.sqnorm(r)), xp.sqrt(ops.sqnorm(G))
+        st.best_res, st.best_scale = res, xp.sqrt(ops.sqnorm(G))
         st.f, st.G = r, G
 
     def _remember(self, xp: Namespace, ops: RowOps, st: _Rows, r: Array, G: Array, h: Array) -> None:
@@ -207,19 +208,23 @@ class AndersonRows:
 
     def _mixed(self, xp: Namespace, st: _Rows) -> Array:
         """Each row's ``G + (beta - 1) f - (d_img - (1 - beta) d_res) gamma``."""
-        bm1 = st.beta - 1.0
+        dtype = st.d_img.dtype  # the coefficients may be wider (float32 for half precisions)
+        bm1 = xp.astype(st.beta - 1.0, dtype)
         combined = st.d_img + xp.reshape(bm1, (-1, 1, 1)) * st.d_res  # (b, memory, n)
-        mix = xp.matmul(xp.reshape(st.gamma, (st.gamma.shape[0], 1, -1)), combined)[:, 0, :]
+        gamma = xp.astype(st.gamma, dtype)
+        mix = xp.matmul(xp.reshape(gamma, (gamma.shape[0], 1, -1)), combined)[:, 0, :]
         return st.G + xp.reshape(bm1, (-1, 1)) * st.f - mix
 
     def _solve(self, xp: Namespace, st: _Rows) -> None:
         """Each row's ``gamma`` minimising ``||f - d_res gamma||^2 + lambda ||gamma||^2`` over its valid slots."""
         k = self.settings.memory
-        d_res, valid = st.d_res, st.valid
         assert st.f is not None
-        eye = xp.eye(k, dtype=d_res.dtype, device=array_api_compat.device(d_res))
+        # The small problem in the precision of the norms: float32 for half precisions.
+        wide = st.best_res.dtype
+        d_res, f, valid = xp.astype(st.d_res, wide), xp.astype(st.f, wide), st.valid
+        eye = xp.eye(k, dtype=wide, device=array_api_compat.device(d_res))
         gram = xp.matmul(d_res, xp.permute_dims(d_res, (0, 2, 1)))
-        rhs = xp.matmul(d_res, xp.reshape(st.f, (st.f.shape[0], -1, 1)))[:, :, 0]
+        rhs = xp.matmul(d_res, xp.reshape(f, (f.shape[0], -1, 1)))[:, :, 0]
         both = xp.reshape(valid, (-1, k, 1)) & xp.reshape(valid, (-1, 1, k))
         gram = xp.where(both, gram, eye)
         rhs = xp.where(valid, rhs, xp.zeros_like(rhs))
