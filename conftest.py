@@ -6,7 +6,13 @@ import importlib.util
 collect_ignore = [
     path
     for name, paths in {
-        "torch": ("backends/torch.py", "docs/torch.md"),
+        "torch": (
+            "backends/torch.py",
+            "backends/_torch_hook.py",
+            "backends/_torch_state.py",
+            "backends/_torch_training.py",
+            "docs/torch.md",
+        ),
         "cupy": ("backends/cupy.py", "backends/_cupy_kernels.py", "docs/cupy.md"),
     }.items()
     if importlib.util.find_spec(name) is None

@@ -449,6 +449,24 @@ def _require_grad(carries_grad: bool, name: str) -> None:
 
 
 # --- the module ---------------------------------------------------------------------------------
+def _check_ranks_agree(backward: object, solver: object) -> None:
+    """In a process group, every rank must run the same backward method and solver (checked once).
+
+    The gradients DDP averages are only one model's when every rank computes them alike; a rank
+    with another method would average an inexact gradient into the exact ones without a word.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    mine = (repr(backward), repr(solver))
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if any(other != mine for other in everyone):
+        listed = "; ".join(f"rank {r}: backward={b}, solver={s}" for r, (b, s) in enumerate(everyone))
+        msg = f"FixedPoint: the ranks of the process group disagree on the backward method or solver ({listed})"
+        raise ValueError(msg)
+
+
 class FixedPoint(torch.nn.Module):
     """A deep-equilibrium layer: ``forward(x, h0)`` returns the fixed point of ``h -> cell(h, x)``.
 
@@ -544,6 +562,7 @@ class FixedPoint(torch.nn.Module):
         self.on_backward_failure = on_backward_failure
         self.throw = throw
         self.info: FixedPointInfo | None = None
+        self._ranks_checked = False
 
     def forward(self, x: Any, h0: State, *extra: Any, ids: Any = None) -> State:
         """The fixed point of ``h -> cell(h, x, *extra)`` from ``h0``; its info goes to ``self.info``.
@@ -551,6 +570,9 @@ class FixedPoint(torch.nn.Module):
         With ``warm_start``, ``ids`` (a sequence or integer tensor, one id per sample) says which
         samples these are, and the samples seen before start from their last fixed points.
         """
+        if not self._ranks_checked:
+            _check_ranks_agree(self.backward_method, self.solver)
+            self._ranks_checked = True
         inputs: Sequence[Any] = (x, *extra)
         options: dict[str, Any] = {
             "backward": self.backward_method,
