@@ -21,11 +21,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import array_api_compat
 
-from .._certificate import fixed_point_residual_bound
-from .._iterate import Limits
-from .._sample_driver import compact
 from .._typing import Array, FixedPointMap, Namespace
 from ._mixing import ADAPTIVE_BOUNDS
+from ._rows import BestRowsForm, Pairs, PerSampleForm, RowState
 
 if TYPE_CHECKING:
     from .._operator import AdjointOperator
@@ -36,16 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["AndersonRBPRows", "AndersonRows"]
 
 
-class _Pairs:
-    """The secant pairs ``(||F(h) - F(h')||^2, ||h - h'||^2)`` met, as ``(b,)`` arrays: never cut with the rows."""
-
-    __slots__ = ("items",)
-
-    def __init__(self) -> None:
-        self.items: list[tuple[Array, Array]] = []
-
-
-class _Rows:
+class _Rows(RowState):
     """The state of the samples still iterating: every array has one row per sample."""
 
     __slots__ = (
@@ -85,19 +74,12 @@ class _Rows:
     reject: Array  # (b,) the next point is the plain step from the row's best
     fallback: Array  # (b,) the last point was that plain step
     slot: int
-    pairs: _Pairs | None  # None: no contraction claimed, no secants taken
+    pairs: Pairs | None  # None: no contraction claimed, no secants taken
     g: Array | None  # (b, n) the right-hand sides, for the adjoint use
-
-    def compact(self, keep: Array, b: int) -> _Rows:
-        """The state of the samples at positions ``keep`` only (``b`` rows before)."""
-        out = _Rows()
-        for name in self.__slots__:
-            setattr(out, name, compact(getattr(self, name, None), keep, b))
-        return out
 
 
 @dataclass(frozen=True)
-class AndersonRows:
+class AndersonRows(BestRowsForm):
     """:class:`~rbp_core.Anderson`'s method for the per-sample driver: one mixing per row, all on the device."""
 
     settings: Anderson | AndersonRBP
@@ -114,23 +96,11 @@ class AndersonRows:
         """The rejection factor; none (inf) for a method without safeguard (Anderson-RBP)."""
         return float(getattr(self.settings, "safeguard", math.inf))
 
-    def limits(self, xp: Namespace, dtype: Any) -> Limits:
-        """The settings' limits."""
-        return self.settings.limits(xp, dtype)
-
-    def init(
-        self,
-        f: FixedPointMap,  # noqa: ARG002 - part of the protocol
-        h0: Array,
-        ops: RowOps,  # noqa: ARG002 - part of the protocol
-        *,
-        secants: bool = True,
-    ) -> tuple[_Rows, Array, None]:
-        """Nothing evaluated yet: the first step evaluates ``F(h0)``; ``secants`` for a claimed contraction."""
+    def start(self, h0: Array) -> _Rows:
+        """The state before the first evaluation."""
         st = _Rows()
         st.h0, st.G, st.f = h0, None, None
-        st.pairs = _Pairs() if secants else None
-        return st, h0, None
+        return st
 
     def step(self, f: FixedPointMap, st: _Rows, ops: RowOps) -> tuple[_Rows, Array, list[Array], Any]:
         """Evaluate ``F`` at each row's next point; keep each row's best; solve each row's mixing."""
@@ -138,7 +108,7 @@ class AndersonRows:
         if st.G is None or st.f is None:
             h = st.h0
             G = f(h)
-            self.start(ops, st, h, G)
+            self.first_evaluation(ops, st, h, G)
             r = st.f
             assert r is not None
             res_sq, scale_sq = ops.sqnorm(r), ops.sqnorm(G)
@@ -167,7 +137,7 @@ class AndersonRows:
         self._solve(xp, st)
         return st, st.best_h, [res_sq, scale_sq], ((r, None), (G, None))
 
-    def start(self, ops: RowOps, st: _Rows, h: Array, G: Array) -> None:
+    def first_evaluation(self, ops: RowOps, st: _Rows, h: Array, G: Array) -> None:
         """The first evaluation ``G = F(h)``, already made: the buffers, and ``h`` as every row's best."""
         xp, k = ops.xp, self.settings.memory
         b, n = h.shape
@@ -235,22 +205,6 @@ class AndersonRows:
         st.gamma = xp.where(xp.reshape(bad, (-1, 1)), xp.zeros_like(gamma), gamma)
         st.valid = valid & ~xp.reshape(bad, (-1, 1))
 
-    def step_contraction(self, mu: float) -> None:  # noqa: ARG002 - part of the protocol
-        """None: a step is no single map."""
-        return
-
-    def error_bound(
-        self, xp: Namespace, like: Array, mu: float, norms: tuple[float, ...], previous: float, state: Any
-    ) -> float:
-        """``||F(h) - h|| / (1 - mu)`` for a sample's best iterate, from its row of ``state``, rounding included."""
-        del norms, previous
-        residual, scale = float(state.best_res[0]), float(state.best_scale[0])
-        return fixed_point_residual_bound(xp, like, mu, residual, scale)
-
-    def sample_pairs(self, state: Any) -> list[tuple[Array, Array]]:
-        """The secant pairs met, for the check of a claimed contraction."""
-        return [] if state.pairs is None else list(state.pairs.items)
-
     def stats(self, state: Any) -> dict[str, object]:  # noqa: ARG002 - part of the protocol
         """``memory_vectors``: state-sized arrays per sample."""
         return {"memory_vectors": 2 * self.settings.memory + 8}
@@ -284,7 +238,7 @@ def _solve_spd(xp: Namespace, H: Array, b: Array) -> Array:
 
 
 @dataclass(frozen=True)
-class AndersonRBPRows:
+class AndersonRBPRows(PerSampleForm):
     """:class:`~rbp_core.AndersonRBP`'s method for the per-sample driver: Anderson rows on ``z <- J^T z + g``.
 
     The same mixing as :class:`AndersonRows` without a safeguard (as the host version), starting
@@ -302,17 +256,13 @@ class AndersonRBPRows:
     def _rows(self) -> AndersonRows:
         return AndersonRows(self.settings)
 
-    def limits(self, xp: Namespace, dtype: Any) -> Limits:
-        """The settings' limits."""
-        return self.settings.limits(xp, dtype)
-
     def init(self, A: AdjointOperator, g: Array, z0: Array | None, ops: RowOps) -> tuple[_Rows, Array, Any]:
         """``z0`` (one VJP for its image) or 0 (whose image ``g`` is free); its residual is the reference."""
         z = ops.xp.zeros_like(g) if z0 is None else z0
         G = g if z0 is None else A.vjp(z0) + g
         st = _Rows()
         st.h0, st.g, st.pairs = z, g, None
-        self._rows.start(ops, st, z, G)
+        self._rows.first_evaluation(ops, st, z, G)
         return st, z, ((ops.sqnorm(st.f),), ((st.f, None),))
 
     def step(self, A: AdjointOperator, st: _Rows, ops: RowOps) -> tuple[_Rows, Array, list[Array], Any]:

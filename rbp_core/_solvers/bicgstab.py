@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from .._checks import check_tolerances
 from .._floats import eps
@@ -14,7 +14,9 @@ from .._operator import AdjointOperator
 from .._ops import VectorOps
 from .._typing import Array, Namespace
 from ._settings import DEFAULT_MAX_ITER, resolve_rtol
-from .bicgstab_rows import BiCGSTABRows
+
+if TYPE_CHECKING:
+    from .bicgstab_rows import BiCGSTABRows
 
 __all__ = ["BiCGSTAB"]
 
@@ -48,6 +50,40 @@ class _State:
     residual: float = math.inf
     broke_down: bool = False
     restarts: int = 0
+
+
+class HalfSteps(NamedTuple):
+    """What one BiCGSTAB iteration computes from its direction ``p`` (see :func:`half_steps`)."""
+
+    v: Array
+    rv: Any
+    alpha: Any
+    s: Array
+    ts: Any
+    tt: Any
+    omega: Any
+    z: Array
+    r: Array
+    rr: Any
+
+
+def half_steps(A: AdjointOperator, ops: VectorOps, p: Array, r: Array, rhat: Array, rho: Any, z: Array) -> HalfSteps:
+    """The two half steps of a BiCGSTAB iteration from the direction ``p``, written once.
+
+    ``v = A p``, ``alpha = rho / <rhat, v>``, ``s = r - alpha v``, ``t = A s``, ``omega = <t, s> / ||t||^2``
+    (0 when ``t = 0``), then ``z + alpha p + omega s`` and its residual ``s - omega t`` with its squared
+    norm. Scalars are whatever ``ops`` gives: 0-d arrays for one solve, ``(b,)`` arrays per sample.
+    """
+    v = A.matvec(p)
+    rv = ops.dot(rhat, v)
+    alpha = ops.ratio(rho, rv)
+    s = ops.axpy(-alpha, v, r)
+    t = A.matvec(s)
+    ts, tt = ops.dot(t, s), ops.sqnorm(t)
+    omega = ops.ratio_or_zero(ts, tt)  # t = A s = 0: s is 0 (done after the half step) or A singular
+    z_new = ops.axpy(omega, s, ops.axpy(alpha, p, z))
+    r_new, rr = ops.axpy_sqnorm(-omega, t, s)
+    return HalfSteps(v, rv, alpha, s, ts, tt, omega, z_new, r_new, rr)
 
 
 def _restart_from(st: _State, z: Array, r: Array, *, count: bool = True) -> _State:
@@ -105,6 +141,8 @@ class BiCGSTAB:
 
     def per_sample(self) -> BiCGSTABRows:
         """The same method for a batch of independent samples (``batch_axis``): each its own scalars."""
+        from .bicgstab_rows import BiCGSTABRows  # noqa: PLC0415 - it imports half_steps from here
+
         return BiCGSTABRows(self)
 
     def limits(self, xp: Namespace, dtype: Any) -> Limits:
@@ -130,15 +168,8 @@ class BiCGSTAB:
             rhat, rho = st.rhat, st.rho
             beta = ratio(rho, st.rho_prev) * ratio(st.alpha, st.omega)
             p = ops.axpy(beta, ops.axpy(-st.omega, st.v, st.p), r)  # r + beta (p - omega v)
-        v = A.matvec(p)
-        rv = dot(rhat, v)
-        alpha = ratio(rho, rv)
-        s = ops.axpy(-alpha, v, r)
-        t = A.matvec(s)
-        ts, tt = dot(t, s), ops.sqnorm(t)
-        omega = ops.ratio_or_zero(ts, tt)  # t = A s = 0: s is 0 (done after the half step) or A singular
-        z_new = ops.axpy(omega, s, ops.axpy(alpha, p, st.z))
-        r_new, rr = ops.axpy_sqnorm(-omega, t, s)
+        it = half_steps(A, ops, p, r, rhat, rho, st.z)
+        v, rv, alpha, s, ts, tt, omega, z_new, r_new, rr = it
         values = [rr, dot(rhat, r_new), rv, ops.sqnorm(v), tt, ts, ops.sqnorm(s), *extra]
         new = replace(
             st,

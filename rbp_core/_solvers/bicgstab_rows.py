@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import array_api_compat
 
 from .._floats import eps
-from .._iterate import Limits
-from .._sample_driver import compact
 from .._typing import Array, Namespace
+from ._rows import PerSampleForm, RowState
+from .bicgstab import half_steps
 
 if TYPE_CHECKING:
     from .._operator import AdjointOperator
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["BiCGSTABRows"]
 
 
-class _Rows:
+class _Rows(RowState):
     """The samples' iteration: every array has one row per sample still iterating."""
 
     __slots__ = (
@@ -68,16 +68,9 @@ class _Rows:
     residual: Array  # (b,) the last residual norm reported
     broke_down: Array  # (b,) a step broke down right after a restart
 
-    def compact(self, keep: Array, b: int) -> _Rows:
-        """The iteration of the samples at positions ``keep`` only (``b`` rows before)."""
-        out = _Rows()
-        for name in self.__slots__:
-            setattr(out, name, compact(getattr(self, name), keep, b))
-        return out
-
 
 @dataclass(frozen=True)
-class BiCGSTABRows:
+class BiCGSTABRows(PerSampleForm):
     """:class:`~rbp_core.BiCGSTAB`'s method for the per-sample driver: its scalars and decisions per row."""
 
     settings: BiCGSTAB
@@ -85,10 +78,6 @@ class BiCGSTABRows:
     needs_jvp: ClassVar[bool] = False
     supports_warm_start: ClassVar[bool] = True
     successive_images: ClassVar[bool] = False
-
-    def limits(self, xp: Namespace, dtype: Any) -> Limits:
-        """The settings' limits."""
-        return self.settings.limits(xp, dtype)
 
     def init(self, A: AdjointOperator, g: Array, z0: Array | None, ops: RowOps) -> tuple[_Rows, Array, Any]:
         """From ``z0`` (or 0) and its residual, each row's reference norm."""
@@ -119,15 +108,7 @@ class BiCGSTABRows:
         p = xp.where(col(fresh), r, going)
         rho = xp.where(fresh, r_sq, st.rho)
         rhat_sq = xp.where(fresh, r_sq, st.rhat_sq)
-        v = A.matvec(p)
-        rv = dot(rhat, v)
-        alpha = ratio(rho, rv)
-        s = ops.axpy(-alpha, v, r)
-        t = A.matvec(s)
-        ts, tt = dot(t, s), ops.sqnorm(t)
-        omega = ops.ratio_or_zero(ts, tt)  # t = A s = 0: s is 0 (done after the half step) or A singular
-        z_new = ops.axpy(omega, s, ops.axpy(alpha, p, st.z))
-        r_new, rr = ops.axpy_sqnorm(-omega, t, s)
+        v, rv, alpha, s, ts, tt, omega, z_new, r_new, rr = half_steps(A, ops, p, r, rhat, rho, st.z)
         rho_next, vv, ss = dot(rhat, r_new), ops.sqnorm(v), ops.sqnorm(s)
         finite = xp.isfinite(rr)
         for value in (rho_next, rv, vv, tt, ts, ss):
@@ -169,9 +150,7 @@ class BiCGSTABRows:
         b = st.z.shape[0]
         chosen = set(positions)
         mask = xp.asarray([i in chosen for i in range(b)], device=array_api_compat.device(st.z))
-        new = _Rows()
-        for name in _Rows.__slots__:
-            setattr(new, name, getattr(st, name))
+        new = st.copy()
         new.r = xp.where(xp.reshape(mask, (-1, 1)), true, st.r)
         new.fresh = st.fresh | mask
         sq = ops.sqnorm(true)

@@ -18,11 +18,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import array_api_compat
 
-from .._certificate import fixed_point_residual_bound
-from .._iterate import Limits
-from .._sample_driver import compact
 from .._typing import Array, FixedPointMap, Namespace
-from .anderson_rows import _Pairs
+from ._rows import BestRowsForm, Pairs, RowState
 
 if TYPE_CHECKING:
     from .._samples import RowOps
@@ -31,7 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["BroydenRows"]
 
 
-class _Rows:
+class _Rows(RowState):
     """The samples' iteration: every array has one row per sample still iterating."""
 
     __slots__ = (
@@ -72,41 +69,22 @@ class _Rows:
     best_x: Array
     best_res: Array
     best_scale: Array
-    pairs: _Pairs | None
-
-    def compact(self, keep: Array, b: int) -> _Rows:
-        """The iteration of the samples at positions ``keep`` only (``b`` rows before)."""
-        out = _Rows()
-        for name in self.__slots__:
-            setattr(out, name, compact(getattr(self, name, None), keep, b))
-        return out
+    pairs: Pairs | None
 
 
 @dataclass(frozen=True)
-class BroydenRows:
+class BroydenRows(BestRowsForm):
     """:class:`~rbp_core.Broyden`'s method for the per-sample driver: its factors and line search per row."""
 
     settings: Broyden
     name: ClassVar[str] = "broyden"
     differentiable_step: ClassVar[bool] = False
 
-    def limits(self, xp: Namespace, dtype: Any) -> Limits:
-        """The settings' limits."""
-        return self.settings.limits(xp, dtype)
-
-    def init(
-        self,
-        f: FixedPointMap,  # noqa: ARG002 - part of the protocol
-        h0: Array,
-        ops: RowOps,  # noqa: ARG002 - part of the protocol
-        *,
-        secants: bool = True,
-    ) -> tuple[_Rows, Array, None]:
-        """Nothing evaluated yet: the first step evaluates ``F(h0)``; ``secants`` for a claimed contraction."""
+    def start(self, h0: Array) -> _Rows:
+        """The state before the first evaluation."""
         st = _Rows()
         st.h0, st.x = h0, None
-        st.pairs = _Pairs() if secants else None
-        return st, h0, None
+        return st
 
     def step(self, f: FixedPointMap, st: _Rows, ops: RowOps) -> tuple[_Rows, Array, list[Array], Any]:
         """Update each row's factors with its accepted step, then evaluate ``F`` at ``x + alpha p``."""
@@ -179,21 +157,6 @@ class BroydenRows:
         st.valid[:, st.slot] = st.pending
         st.p = xp.where(col(st.pending), -_apply(xp, st, st.g), st.p)
         st.pending = xp.zeros_like(st.pending)
-
-    def step_contraction(self, mu: float) -> None:  # noqa: ARG002 - part of the protocol
-        """None: a step is no single map."""
-        return
-
-    def error_bound(
-        self, xp: Namespace, like: Array, mu: float, norms: tuple[float, ...], previous: float, state: Any
-    ) -> float:
-        """``||F(h) - h|| / (1 - mu)`` for a sample's best iterate, from its row of ``state``, rounding included."""
-        del norms, previous
-        return fixed_point_residual_bound(xp, like, mu, float(state.best_res[0]), float(state.best_scale[0]))
-
-    def sample_pairs(self, state: Any) -> list[tuple[Array, Array]]:
-        """The secant pairs met, for the check of a claimed contraction."""
-        return [] if state.pairs is None else list(state.pairs.items)
 
     def stats(self, state: Any) -> dict[str, object]:  # noqa: ARG002 - part of the protocol
         """``memory_vectors``: state-sized arrays per sample."""

@@ -17,10 +17,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import array_api_compat
 
-from .._iterate import Limits
 from .._operator import AdjointOperator
-from .._sample_driver import compact
 from .._typing import Array, Namespace
+from ._rows import PerSampleForm, RowState
 
 if TYPE_CHECKING:
     from .._samples import RowOps
@@ -29,7 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["GMRESRows"]
 
 
-class _Cycle:
+class _Cycle(RowState):
     """The samples' current cycle: every array has one row per sample still iterating."""
 
     __slots__ = ("R", "V", "cs", "g", "j", "r", "rhs", "sn", "z")
@@ -44,16 +43,9 @@ class _Cycle:
     rhs: Array  # (b, restart + 1) the rotated right-hand sides
     j: int  # columns in the cycle (the same for every active sample)
 
-    def compact(self, keep: Array, b: int) -> _Cycle:
-        """The cycle of the samples at positions ``keep`` only (``b`` rows before)."""
-        out = _Cycle()
-        for name in self.__slots__:
-            setattr(out, name, compact(getattr(self, name), keep, b))
-        return out
-
 
 @dataclass(frozen=True)
-class GMRESRows:
+class GMRESRows(PerSampleForm):
     """:class:`~rbp_core.GMRES`'s method for the per-sample driver: one Krylov basis per row, all on the device."""
 
     settings: GMRES
@@ -61,10 +53,6 @@ class GMRESRows:
     needs_jvp: ClassVar[bool] = False
     supports_warm_start: ClassVar[bool] = True
     successive_images: ClassVar[bool] = False
-
-    def limits(self, xp: Namespace, dtype: Any) -> Limits:
-        """The settings' limits."""
-        return self.settings.limits(xp, dtype)
 
     def init(self, A: AdjointOperator, g: Array, z0: Array | None, ops: RowOps) -> tuple[_Cycle, None, Any]:
         """The first cycle starts from ``z0`` (or 0) and its residual, each row's reference norm."""
