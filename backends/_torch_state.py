@@ -14,6 +14,8 @@ from typing import Any, TypeAlias, cast
 
 import torch
 
+from rbp_core._samples import check_batch_axis
+
 __all__ = ["State"]
 
 State: TypeAlias = torch.Tensor | tuple[torch.Tensor, ...]
@@ -60,14 +62,7 @@ class _Packing:
             self.row_sizes = [math.prod(s) for s in self.row_shapes]
 
     def _axis(self, batch_axis: int, part: torch.Tensor, i: int) -> int:
-        if isinstance(batch_axis, bool) or not isinstance(batch_axis, int):
-            msg = f"batch_axis must be an int or None, got {batch_axis!r}"
-            raise TypeError(msg)
-        if not -part.ndim <= batch_axis < part.ndim:
-            label = f"state[{i}]" if self.is_tuple else "the state"
-            msg = f"batch_axis={batch_axis} is out of range for {label} of shape {tuple(part.shape)}"
-            raise ValueError(msg)
-        return batch_axis % part.ndim
+        return check_batch_axis(batch_axis, part, f"state[{i}]" if self.is_tuple else "the state")
 
     def pack(self, state: State, name: str) -> torch.Tensor:
         """``state`` (``f``'s output) as one flat tensor, each part checked like the state's own.

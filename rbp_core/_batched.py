@@ -19,6 +19,7 @@ from ._callbacks import same_kind
 from ._certificate import residual_bound_from_norms
 from ._errors import BackwardFailureWarning, ConvergenceError
 from ._floats import eps, scale_pow2, unit_scale
+from ._iterate import check_ratio
 from ._norms import norm
 from ._operator import AdjointOperator
 from ._protocols import AdjointMethod, ForwardSolver
@@ -215,11 +216,7 @@ def _check_pairs(
     for image_sq, vector_sq in pairs:
         images, vectors = ops.to_host([image_sq, vector_sq])
         for a, b in zip(images, vectors, strict=True):
-            image, vector = math.sqrt(a), math.sqrt(b)
-            if vector > 0.0 and math.isfinite(image):
-                outcome.observed_ratio = max(outcome.observed_ratio, image / vector)
-                if image > mu * vector * (1.0 + rel) + slack:
-                    outcome.violated = True
+            check_ratio(outcome, math.sqrt(a), math.sqrt(b), mu, slack, rel)
 
 
 def _residual_bounds(
@@ -246,10 +243,7 @@ def _residual_bounds(
         if s in settled:
             bounds.append(0.0 if settled[s][0] is Status.SUCCESS else None)
             continue
-        if zn[s] > 0.0 and math.isfinite(jn[s]):
-            outcome.observed_ratio = max(outcome.observed_ratio, jn[s] / zn[s])
-            if jn[s] > mu * zn[s] * (1.0 + rel) + slack[s]:
-                outcome.violated = True
+        check_ratio(outcome, jn[s], zn[s], mu, slack[s], rel)
         bounds.append(residual_bound_from_norms(xp, like, mu, rn[s], gnorms[s], zn[s], jn[s]))
     return bounds
 

@@ -22,7 +22,7 @@ from ._ops import VectorOps
 from ._solution import Solution, Status
 from ._typing import Array
 
-__all__ = ["Limits", "Outcome", "finish", "iterate", "settled"]
+__all__ = ["Limits", "Outcome", "finish", "iterate", "raise_violation", "settled"]
 
 Vectors = Sequence[tuple[Array, Array | None]]
 """For each monitored squared norm, the array it is the norm of (or the two whose difference it is)."""
@@ -254,6 +254,21 @@ def check_ratio(
         outcome.violated = True
 
 
+def raise_violation(name: str, ratio_bound: float | None, contraction: float | None, observed: float) -> None:
+    """Raise :class:`~rbp_core.ContractionViolation`: the iteration saw a ratio above the claimed bound.
+
+    ``ratio_bound`` is the constant the iteration was checked against; ``contraction`` the user's
+    claim it came from, when they differ (a damped forward step).
+    """
+    claim = ratio_bound if contraction is None else contraction
+    step = "" if claim == ratio_bound else f" (one step's constant for it is {ratio_bound:.6g})"
+    msg = (
+        f"{name}: contraction={claim!r} is false: the iteration saw a ratio ||J^T v|| / ||v|| = {observed:.6g} "
+        f"> {ratio_bound:.6g}{step}, so no error bound can be certified. Give a true upper bound on ||J||_2 or none."
+    )
+    raise ContractionViolation(msg)
+
+
 def finish(
     outcome: Outcome,
     *,
@@ -275,14 +290,7 @@ def finish(
     """
     if outcome.violated:
         if throw:
-            claim = ratio_bound if contraction is None else contraction
-            step = "" if claim == ratio_bound else f" (one step's constant for it is {ratio_bound:.6g})"
-            msg = (
-                f"{name}: contraction={claim!r} is false: the iteration saw a ratio "
-                f"||J^T v|| / ||v|| = {outcome.observed_ratio:.6g} > {ratio_bound:.6g}{step}, so no "
-                f"error bound can be certified. Give a true upper bound on ||J||_2 or none."
-            )
-            raise ContractionViolation(msg)
+            raise_violation(name, ratio_bound, contraction, outcome.observed_ratio)
         error_bound = None
     status = outcome.status
     solution = Solution(

@@ -28,8 +28,8 @@ from typing import Any
 
 import array_api_compat
 
-from ._errors import ContractionViolation, ConvergenceError
-from ._iterate import Limits
+from ._errors import ConvergenceError
+from ._iterate import Limits, raise_violation
 from ._samples import RowOps, SampleCallback, index_array
 from ._solution import Solution, Status
 from ._typing import Array
@@ -412,13 +412,7 @@ def finish_samples(
     """The Solution of a batch: per-sample results and their summary; raise if asked and a sample failed."""
     if outcome.violated:
         if throw:
-            claim = ratio_bound if contraction is None else contraction
-            msg = (
-                f"{name}: contraction={claim!r} is false: a sample's iteration saw a ratio ||J^T v|| / ||v|| = "
-                f"{outcome.observed_ratio:.6g} > {ratio_bound:.6g}, so no error bound can be certified. Give a "
-                "true upper bound on ||J||_2 or none."
-            )
-            raise ContractionViolation(msg)
+            raise_violation(name, ratio_bound, contraction, outcome.observed_ratio)
         error_bounds = None
     statuses = tuple(outcome.status)
     bounds: tuple[float | None, ...] = (
