@@ -108,11 +108,8 @@ class AndersonRows(BestRowsForm):
         if st.G is None or st.f is None:
             h = st.h0
             G = f(h)
-            self.first_evaluation(ops, st, h, G)
-            r = st.f
-            assert r is not None
-            res_sq, scale_sq = ops.sqnorm(r), ops.sqnorm(G)
-            return st, st.best_h, [res_sq, scale_sq], ((r, None), (G, None))
+            res_sq, scale_sq = self.first_evaluation(ops, st, h, G)
+            return st, st.best_h, [res_sq, scale_sq], ((st.f, None), (G, None))
         h = xp.where(xp.reshape(st.reject, (-1, 1)), st.best_img, self._mixed(xp, st))
         G = f(h)
         r = G - h
@@ -137,8 +134,11 @@ class AndersonRows(BestRowsForm):
         self._solve(xp, st)
         return st, st.best_h, [res_sq, scale_sq], ((r, None), (G, None))
 
-    def first_evaluation(self, ops: RowOps, st: _Rows, h: Array, G: Array) -> None:
-        """The first evaluation ``G = F(h)``, already made: the buffers, and ``h`` as every row's best."""
+    def first_evaluation(self, ops: RowOps, st: _Rows, h: Array, G: Array) -> tuple[Array, Array]:
+        """The first evaluation ``G = F(h)``, already made: the buffers, and ``h`` as every row's best.
+
+        Returns the rows' squared norms of ``F(h) - h`` and of ``F(h)``, the step's monitored norms.
+        """
         xp, k = ops.xp, self.settings.memory
         b, n = h.shape
         device = array_api_compat.device(h)
@@ -146,15 +146,17 @@ class AndersonRows(BestRowsForm):
         st.d_res = xp.zeros_like(st.d_img)
         st.valid = xp.zeros((b, k), dtype=xp.bool, device=device)
         r = G - h
-        res = xp.sqrt(ops.sqnorm(r))  # in the norms' precision: the coefficients' too
+        res_sq, scale_sq = ops.sqnorm(r), ops.sqnorm(G)
+        res = xp.sqrt(res_sq)  # in the norms' precision: the coefficients' too
         st.gamma = xp.zeros((b, k), dtype=res.dtype, device=device)
         st.beta = xp.full((b,), self._beta0, dtype=res.dtype, device=device)
         st.reject = xp.zeros((b,), dtype=xp.bool, device=device)
         st.fallback = st.reject
         st.slot = -1
         st.best_h, st.best_f, st.best_img = h, r, G
-        st.best_res, st.best_scale = res, xp.sqrt(ops.sqnorm(G))
+        st.best_res, st.best_scale = res, xp.sqrt(scale_sq)
         st.f, st.G = r, G
+        return res_sq, scale_sq
 
     def _remember(self, xp: Namespace, ops: RowOps, st: _Rows, r: Array, G: Array, h: Array) -> None:
         """Write the newest differences (from the last point, or from the best after a rejection)."""
@@ -262,8 +264,8 @@ class AndersonRBPRows(PerSampleForm):
         G = g if z0 is None else A.vjp(z0) + g
         st = _Rows()
         st.h0, st.g, st.pairs = z, g, None
-        self._rows.first_evaluation(ops, st, z, G)
-        return st, z, ((ops.sqnorm(st.f),), ((st.f, None),))
+        res_sq, _ = self._rows.first_evaluation(ops, st, z, G)
+        return st, z, ((res_sq,), ((st.f, None),))
 
     def step(self, A: AdjointOperator, st: _Rows, ops: RowOps) -> tuple[_Rows, Array, list[Array], Any]:
         """One mixed step of every row; monitors each row's ``||J^T z + g - z||``."""
