@@ -82,34 +82,62 @@ class SampleOutcome:
     final_state: Any = None
 
 
-def compact(state: Any, keep: Array, b: int) -> Any:
+def compact(state: Any, keep: Array, b: int, taken: dict[int, Array] | None = None) -> Any:
     """``state`` with only the rows ``keep`` of each of its arrays that has ``b`` rows (tuples and lists
-    walked; an object with a ``compact(keep, b)`` method does it itself)."""
+    walked; an object with a ``compact(keep, b)`` method does it itself). ``taken`` remembers the
+    arrays already cut, so that one held twice is cut once."""
     own = getattr(state, "compact", None)
     if own is not None:
         return own(keep, b)
     if isinstance(state, tuple | list):
-        return type(state)(compact(s, keep, b) for s in state)
+        return type(state)(compact(s, keep, b, taken) for s in state)
     if array_api_compat.is_array_api_obj(state) and state.ndim >= 1 and state.shape[0] == b:
-        return array_api_compat.array_namespace(state).take(state, keep, axis=0)
+        return _take(array_api_compat.array_namespace(state), state, keep, taken)
     return state
 
 
-class _Finals:
-    """The final rows of the samples that are done, in one ``(B, m)`` array updated by whole blocks."""
+def _take(xp: Any, x: Array, keep: Array, taken: dict[int, Array] | None) -> Array:
+    """The rows ``keep`` of ``x``, once per array in ``taken``."""
+    if taken is None:
+        return xp.take(x, keep, axis=0)
+    out = taken.get(id(x))
+    if out is None:
+        out = taken[id(x)] = xp.take(x, keep, axis=0)
+    return out
 
-    __slots__ = ("rows", "xp")
+
+class _Finals:
+    """The final rows of the samples that are done: a ``(B, m)`` array and the blocks put since it was
+    formed, which :attr:`rows` gathers into a new array when asked (nothing is written in place)."""
+
+    __slots__ = ("_blocks", "_rows", "xp")
 
     def __init__(self, rows: Array) -> None:
         self.xp = array_api_compat.array_namespace(rows)
-        self.rows = rows
+        self._rows = rows
+        self._blocks: list[tuple[Sequence[int], Array]] = []
 
     def put(self, samples: Sequence[int], block: Array) -> None:
-        """Rows ``samples`` become ``block``'s rows (a new array: nothing is written in place)."""
-        xp, batch = self.xp, self.rows.shape[0]
-        where = dict(zip(samples, range(batch, batch + len(samples)), strict=True))
-        gather = index_array(xp, [where.get(s, s) for s in range(batch)], block)
-        self.rows = xp.take(xp.concat([self.rows, block]), gather, axis=0)
+        """Rows ``samples`` become ``block``'s rows."""
+        self._blocks.append((samples, block))
+
+    @property
+    def like(self) -> Array:
+        """An array of the batch's dtype and device (without gathering the blocks)."""
+        return self._rows
+
+    @property
+    def rows(self) -> Array:
+        """Every sample's final row so far, ``(B, m)``."""
+        if self._blocks:
+            xp, batch = self.xp, self._rows.shape[0]
+            where: dict[int, int] = {}
+            for samples, _block in self._blocks:
+                where.update(zip(samples, range(batch + len(where), batch + len(where) + len(samples)), strict=True))
+            gather = index_array(xp, [where.get(s, s) for s in range(batch)], self._rows)
+            self._rows = xp.take(xp.concat([self._rows, *(b for _, b in self._blocks)]), gather, axis=0)
+            self._blocks = []
+        return self._rows
 
 
 def iterate_samples(
@@ -229,37 +257,20 @@ def iterate_samples(
     confirm_rows = getattr(solver, "confirm_rows", None)  # a recurrence whose true residual decides
     confirming: list[int] = []
 
+    screen = _Screen(forward=forward, rtol=rtol, atol=atol, factor=fac, breakdown=breakdown is not None)
     while active:
         state, x_new, sqs, vectors = solver.step(problem, state, ops)  # type: ignore[attr-defined]
         cols = ops.to_host(sqs)  # the one transfer of this iteration
         count += 1
-        rs = list(map(math.sqrt, cols[0]))  # a NaN stays NaN, an inf inf: the screen below sends both on
-        # The common step, for the batch at once: every norm positive and finite, no sample at its
-        # tolerance, budget, divergence or breakdown test, no contraction to check. It keeps only
-        # what a later step reads (histories, last residuals, scales, smallest residuals); what a
-        # sample reports when it ends is set by the step that ends it, below.
-        if bound < 0.0 and count < max_steps and min(rs) > 0.0 and math.isfinite(sum(rs)):
-            if forward:
-                hns = list(map(math.sqrt, cols[1]))
-                fast = min(hns) > 0.0 and math.isfinite(sum(hns))
-                if fast and rtol is not None:
-                    fast = min(rs) > atol and not any(map(le, rs, map(mul, hns, repeat(rtol))))
-            else:
-                fast = not any(map(le, rs, a_thr))
-            if fast and fac < math.inf:
-                fast = not any(map(gt, rs, map(mul, a_best, repeat(fac))))
-            if fast and breakdown is not None and count > 1:
-                fast = not any(map(gt, rs, a_prev))
-            if fast:
-                for h, r in zip(hist, rs, strict=True):
-                    h.append(r)
-                a_prev = rs
-                if fac < math.inf:
-                    a_best = list(map(min, a_best, rs))
-                if forward:
-                    a_before, a_scale = a_scale, hns
-                x = x_new
-                continue
+        # The common step, for the batch at once: no sample at its tolerance, budget, divergence or
+        # breakdown test and no contraction to check. Its squared norms wait in the screen; the
+        # histories and the per-sample values a later test reads are brought up to date from them
+        # before any sample is looked at on its own (below).
+        if bound < 0.0 and count < max_steps and screen.passes(cols, a_thr, a_best, a_prev, count):
+            x = x_new
+            continue
+        if screen.pending:
+            a_prev, a_best, a_before, a_scale = screen.flush(hist, a_prev, a_best, a_before, a_scale)
         ended = []
         for i, s in enumerate(active):
             r = _norm(ops, cols[0][i], vectors[0], i)
@@ -336,6 +347,7 @@ def iterate_samples(
             keep, hist, a_thr, a_best, a_prev, a_scale, a_before, a_slack, a_last
         )
         state, x, active = _leave(state, x_new, active, keep, callbacks, done)
+        screen.reset()
 
     stats = getattr(solver, "stats", None)
     return SampleOutcome(
@@ -388,10 +400,12 @@ def _leave(
     if not remaining:
         return state, x, remaining
     xp = done.xp
-    rows = index_array(xp, keep, done.rows)
+    like = x if x is not None else done.like
+    rows = index_array(xp, keep, like)
     for cb in callbacks:
-        cb.set_active(remaining, done.rows, done.rows)
-    return compact(state, rows, len(active)), None if x is None else xp.take(x, rows, axis=0), remaining
+        cb.set_active(remaining, None if cb.takes_indices else done.rows, like)
+    taken: dict[int, Array] = {}
+    return compact(state, rows, len(active), taken), None if x is None else _take(xp, x, rows, taken), remaining
 
 
 def finish_samples(
@@ -426,7 +440,7 @@ def finish_samples(
     largest = [-math.inf] * longest  # per iteration, the largest residual of the samples still iterating
     for h in outcome.history:
         largest[: len(h)] = map(max, largest[: len(h)], h)
-    summary = tuple(r * unit for r in largest)
+    summary = tuple(largest) if unit == 1.0 else tuple(r * unit for r in largest)
     thresholds = tuple(None if t is None else t * unit for t in outcome.threshold)
     named = ", ".join(
         f"{s} ({statuses[s].name}{': ' + outcome.notes[s] if outcome.notes[s] else ''})" for s in failed[:_NAMED]
@@ -450,10 +464,124 @@ def finish_samples(
         num_sample_evals=num_sample_evals,
         sample_status=statuses,
         sample_num_steps=tuple(len(h) for h in outcome.history),
-        sample_residual_norms=tuple(tuple(r * unit for r in h) for h in outcome.history),
+        sample_residual_norms=tuple(tuple(h) if unit == 1.0 else tuple(r * unit for r in h) for h in outcome.history),
         sample_tolerance=thresholds,
         sample_error_bound=bounds,
     )
     if throw and not solution.converged:
         raise ConvergenceError(solution)
     return solution
+
+
+class _Screen:
+    """The test of the common step, on the squared norms of all active samples at once.
+
+    :meth:`passes` is true only when no active sample meets its tolerance, divergence or breakdown
+    test at this step; it is conservative by a relative margin of ``2**-40`` (far above the few
+    roundings between a squared norm and the tests on norms), so a sample near a test goes to the
+    exact per-sample tests. A batch-wide bound decides first (the smallest squared residual against
+    the largest threshold); the per-sample comparison runs only when that bound is not enough. The
+    squared norms of the steps that pass wait in :attr:`pending`; :meth:`flush` turns them into the
+    histories and per-sample values the exact tests read, bit for bit as if each step had been
+    recorded on its own. :meth:`reset` forgets the limits derived from per-sample values that the
+    exact tests change.
+    """
+
+    __slots__ = (
+        "_best2",
+        "_breakdown",
+        "_c",
+        "_fac2",
+        "_floor2",
+        "_forward",
+        "_prev2",
+        "_shrink",
+        "_thr2",
+        "pending_h",
+        "pending_r",
+    )
+
+    _MARGIN = 1.0 + 2.0**-40
+
+    def __init__(self, *, forward: bool, rtol: float | None, atol: float, factor: float, breakdown: bool) -> None:
+        m = self._MARGIN
+        self._forward = forward
+        self._c = -1.0 if rtol is None else (rtol * m) ** 2  # r^2 > c hn^2 means r > rtol hn
+        self._floor2 = (atol * m) ** 2
+        self._fac2 = math.inf if factor == math.inf else (factor / m) ** 2
+        self._breakdown = breakdown
+        self._shrink = 1.0 / (m * m)
+        self.pending_r: list[Sequence[float]] = []
+        self.pending_h: list[Sequence[float]] = []
+        self._thr2: tuple[float, list[float]] | None = None
+        self._best2: float | None = None
+        self._prev2: list[float] | None = None
+
+    @property
+    def pending(self) -> bool:
+        """Whether steps wait to be recorded."""
+        return bool(self.pending_r)
+
+    def reset(self) -> None:
+        """The exact tests ran: the derived limits are recomputed from the per-sample values when next needed."""
+        self._thr2 = self._best2 = self._prev2 = None
+
+    def passes(
+        self, cols: Sequence[Sequence[float]], thr: list[float], best: list[float], prev: list[float], count: int
+    ) -> bool:
+        """Whether this step (its squared norms ``cols``) is common for every active sample; if so it is kept."""
+        sq = cols[0]
+        lo = min(sq)
+        if not (lo > 0.0 and math.isfinite(sum(sq))):
+            return False
+        if self._forward:
+            hsq = cols[1]
+            if not (min(hsq) > 0.0 and math.isfinite(sum(hsq))):
+                return False
+            c = self._c
+            if c >= 0.0 and not (
+                lo > self._floor2 and (lo > c * max(hsq) or not any(map(le, sq, map(mul, hsq, repeat(c)))))
+            ):
+                return False
+        else:
+            if self._thr2 is None:
+                thr2 = [(t * self._MARGIN) ** 2 if t >= 0.0 else -1.0 for t in thr]
+                self._thr2 = (max(thr2, default=-1.0), thr2)
+            top, thr2 = self._thr2
+            if not (lo > top or not any(map(le, sq, thr2))):
+                return False
+        if self._fac2 < math.inf:
+            best2 = self._best2
+            if best2 is None:
+                best2 = min(best, default=math.inf) ** 2
+            if not max(sq) <= self._fac2 * best2:
+                return False
+            self._best2 = min(best2, lo)
+        if self._breakdown and count > 1:
+            prev2 = self._prev2
+            if prev2 is None:
+                prev2 = [p * p * self._shrink if p >= 0.0 else math.inf for p in prev]
+            if any(map(gt, sq, prev2)):
+                return False
+            self._prev2 = list(map(mul, sq, repeat(self._shrink)))
+        self.pending_r.append(sq)
+        if self._forward:
+            self.pending_h.append(cols[1])
+        return True
+
+    def flush(
+        self, hist: list[list[float]], prev: list[float], best: list[float], before: list[float], scale: list[float]
+    ) -> tuple[list[float], list[float], list[float], list[float]]:
+        """Record the waiting steps: each sample's history, last and smallest residual, and (forward) its
+        last two iterate norms; returns the new ``(prev, best, before, scale)``."""
+        roots = [list(map(math.sqrt, c)) for c in self.pending_r]
+        for h, col in zip(hist, zip(*roots, strict=True), strict=True):
+            h.extend(col)
+        prev = roots[-1]
+        if self._fac2 < math.inf:
+            best = list(map(min, best, *roots))
+        if self._forward:
+            tail = [list(map(math.sqrt, c)) for c in self.pending_h[-2:]]
+            before, scale = (tail[0], tail[1]) if len(tail) == 2 else (scale, tail[0])
+        self.pending_r, self.pending_h = [], []
+        return prev, best, before, scale

@@ -53,7 +53,7 @@ def check_batch_axis(batch_axis: object, x: Array, name: str) -> int:
 class SampleLayout:
     """How a batched array of the caller's shape maps to ``(b, m)`` rows, one per sample, and back."""
 
-    __slots__ = ("axis", "batch", "forward", "inverse", "rest", "xp")
+    __slots__ = ("axis", "batch", "flat", "forward", "inverse", "rest", "xp")
 
     def __init__(self, xp: Namespace, like: Array, axis: int) -> None:
         self.xp = xp
@@ -63,6 +63,7 @@ class SampleLayout:
         self.rest = shape[:axis] + shape[axis + 1 :]
         self.forward = (axis, *(i for i in range(len(shape)) if i != axis))
         self.inverse = tuple(self.forward.index(i) for i in range(len(shape)))
+        self.flat = axis == 0 and len(shape) == 2  # samples already rows: nothing to reshape
 
     @property
     def row_size(self) -> int:
@@ -71,6 +72,8 @@ class SampleLayout:
 
     def rows(self, x: Array) -> Array:
         """``x`` (the caller's layout, any batch size) as rows ``(b, m)``."""
+        if self.flat:
+            return x
         xp = self.xp
         if self.axis != 0:
             x = xp.permute_dims(x, self.forward)
@@ -78,6 +81,8 @@ class SampleLayout:
 
     def restore(self, rows: Array) -> Array:
         """Rows ``(b, m)`` in the caller's layout, with ``b`` samples on the batch axis."""
+        if self.flat:
+            return rows
         xp = self.xp
         x = xp.reshape(rows, (rows.shape[0], *self.rest))
         return x if self.axis == 0 else xp.permute_dims(x, self.inverse)
@@ -133,14 +138,21 @@ class RowOps(VectorOps):
         raise NotImplementedError(msg)
 
     def to_host(self, values: Sequence[Array] | Array) -> tuple[Any, ...]:
-        """Each ``(b,)`` array of ``values`` as a tuple of Python floats, in one transfer."""
+        """Each ``(b,)`` array of ``values`` as a sequence of Python floats, in one transfer."""
         xp = self.xp
-        arrays: list[Array] = [values] if getattr(values, "ndim", None) == 1 else list(values)
-        dtype = arrays[0].dtype
-        stacked = xp.stack([a if a.dtype == dtype else xp.astype(a, dtype) for a in arrays])
+        if getattr(values, "ndim", None) == 1:
+            values = (values,)
+        if len(values) == 1:
+            stacked = values[0]
+        else:
+            dtype = values[0].dtype
+            stacked = xp.stack([a if a.dtype == dtype else xp.astype(a, dtype) for a in values])
         tolist = getattr(stacked, "tolist", None)  # NumPy, torch and CuPy: one copy for all of them
         if tolist is not None:
-            return tuple(tuple(row) for row in tolist())
+            host = tolist()
+            return (host,) if len(values) == 1 else tuple(host)
+        if len(values) == 1:
+            return (tuple(float(stacked[j]) for j in range(stacked.shape[0])),)
         return tuple(tuple(float(stacked[i, j]) for j in range(stacked.shape[1])) for i in range(stacked.shape[0]))
 
     def row_norm(self, s: float, x: Array, minus: Array | None = None) -> float:
@@ -150,7 +162,11 @@ class RowOps(VectorOps):
     def norms(self, x: Array) -> list[float]:
         """The 2-norm of each row of ``x``, overflow and underflow handled (one transfer on the fast path)."""
         (sqs,) = self.to_host([self.sqnorm(x)])
-        return [self.row_norm(s, x[i, :]) if not 0.0 < s < math.inf else math.sqrt(s) for i, s in enumerate(sqs)]
+        if 0.0 in sqs:  # zero rows (a start at zero) or underflows: one test for all of them
+            xp = self.xp
+            (nonzero,) = self.to_host([xp.astype(xp.any(x != 0, axis=-1), xp.float32)])
+            sqs = tuple(-1.0 if s == 0.0 and z else s for s, z in zip(sqs, nonzero, strict=True))
+        return [math.sqrt(s) if 0.0 <= s < math.inf else self.row_norm(max(s, 0.0), x[i, :]) for i, s in enumerate(sqs)]
 
 
 def index_array(xp: Namespace, indices: Sequence[int], like: Array) -> Array:
@@ -203,9 +219,9 @@ class SampleCallback:
         self.gather: Array | None = None
         self.fill: Array | None = None  # (B, m) rows of the full batch for samples that are done
 
-    def set_active(self, active: list[int], finals: Array, like: Array) -> None:
+    def set_active(self, active: list[int], finals: Array | None, like: Array) -> None:
         """Evaluate only the samples ``active`` from now on; the others are held at their rows of ``finals``
-        (``(B, m)``), or at zero for a linear map."""
+        (``(B, m)``; not read by a callback that takes indices, or by a linear map: those are held at zero)."""
         xp = self._layout.xp
         self.active = active
         batch = self._layout.batch
@@ -213,13 +229,21 @@ class SampleCallback:
             self.indices = self.gather = self.fill = None
             return
         self.indices = index_array(xp, active, like)
+        if self._takes:
+            return
         if not self._linear:
+            assert finals is not None
             self.fill = finals
-        elif self.fill is None or self.fill.shape != finals.shape:
-            self.fill = xp.zeros_like(finals)
+        elif self.fill is None or self.fill.shape != (batch, self._layout.row_size):
+            self.fill = xp.zeros((batch, self._layout.row_size), dtype=like.dtype, device=array_api_compat.device(like))
         position = dict(zip(active, range(len(active)), strict=True))
         b = len(active)
         self.gather = index_array(xp, [position.get(s, b + s) for s in range(batch)], like)
+
+    @property
+    def takes_indices(self) -> bool:
+        """Whether the callback is called on the active samples only, with their indices."""
+        return self._takes
 
     def __call__(self, rows: Array) -> Array:
         layout, xp = self._layout, self._layout.xp
@@ -249,17 +273,24 @@ class SampleCallback:
 
 
 class _ShapeCheck:
-    """The callback's output must match the state in library, dtype, device and (for ``b`` samples) shape."""
+    """The callback's output must match the state in library, dtype, device and (for ``b`` samples) shape.
 
-    __slots__ = ("_checks", "_layout", "_like", "_name")
+    The full check runs once per batch size and whenever the output's type, shape or dtype differs
+    from the last good one; otherwise it is one comparison.
+    """
+
+    __slots__ = ("_checks", "_good", "_layout", "_like", "_name")
 
     def __init__(self, name: str, like: Array, layout: SampleLayout) -> None:
         self._name = name
         self._like = like
         self._layout = layout
         self._checks: dict[int, CheckedCallback] = {}
+        self._good: tuple[object, ...] = ()
 
     def __call__(self, out: Array, b: int) -> None:
+        if self._good == (type(out), out.shape, out.dtype, b):
+            return
         check = self._checks.get(b)
         if check is None:
             layout = self._layout
@@ -268,3 +299,4 @@ class _ShapeCheck:
             check = CheckedCallback(lambda v: v, self._name, self._like, layout.xp, shape=tuple(shape))
             self._checks[b] = check
         check(out)
+        self._good = (type(out), out.shape, out.dtype, b)
