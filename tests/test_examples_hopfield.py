@@ -126,6 +126,9 @@ def test_smoke_run(hopfield, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Neumann-RBP" in printed
     assert "recall err" in printed
+    assert "all zeros" in printed
+    assert "lower is better" in printed
+    assert "Neumann-RBP: ok, 2/2 epochs" in printed
 
 
 def _small_run(hopfield, out: Path, methods: str) -> tuple[int, dict]:
