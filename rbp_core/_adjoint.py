@@ -141,8 +141,8 @@ def solve_adjoint(
         )
     A = AdjointOperator(
         xp,
-        CheckedCallback(vjp, "vjp", g, xp),
-        CheckedCallback(jvp, "jvp", g, xp) if method.needs_jvp else None,
+        CheckedCallback(vjp, "vjp", g, xp, called_as="vjp(v)"),
+        CheckedCallback(jvp, "jvp", g, xp, called_as="jvp(v)") if method.needs_jvp else None,
         checks_contraction=mu is not None,
     )
     limits = method.limits(xp, g.dtype)

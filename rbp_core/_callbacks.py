@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -9,7 +10,29 @@ import array_api_compat
 
 from ._typing import Array, Namespace
 
-__all__ = ["CheckedCallback", "namespace_of", "same_kind"]
+__all__ = ["CheckedCallback", "check_arity", "namespace_of", "same_kind"]
+
+
+def check_arity(fn: object, called_as: str) -> None:
+    """Refuse a callback that cannot be called as ``called_as`` (such as ``"vjp_state(h, v)"``), naming both.
+
+    The check binds as many positional arguments as ``called_as`` names to the callback's signature,
+    before any solve runs; a callable without an inspectable signature (some built-ins) is left to
+    its call.
+    """
+    name, _, rest = called_as.partition("(")
+    n = len([a for a in rest.rstrip(")").split(",") if a.strip()])
+    try:
+        signature = inspect.signature(fn)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*range(n))
+    except TypeError:
+        what = getattr(fn, "__qualname__", None) or type(fn).__name__
+        arguments = f"{n} positional argument{'' if n == 1 else 's'}"
+        msg = f"{name} is called as {called_as}, with {arguments}, but the callback given ({what}) has the signature {signature}"
+        raise TypeError(msg) from None
 
 
 def namespace_of(x: Array, name: str) -> Namespace:
@@ -45,10 +68,13 @@ class CheckedCallback:
         *,
         verb: str = "returned",
         shape: tuple[int, ...] | None = None,
+        called_as: str | None = None,
     ) -> None:
         if not callable(fn):
             msg = f"{name} must be callable, got {type(fn).__name__}"
             raise TypeError(msg)
+        if called_as is not None:
+            check_arity(fn, called_as)
         self._fn: Callable[[Array], Array] = fn
         self._name = name
         self._verb = verb

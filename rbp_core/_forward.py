@@ -9,7 +9,7 @@ from typing import Any, cast
 
 from ._adjoint import check_method, solve_adjoint
 from ._batched import fixed_point_samples
-from ._callbacks import CheckedCallback, namespace_of, same_kind
+from ._callbacks import CheckedCallback, check_arity, namespace_of, same_kind
 from ._checks import check_contraction, check_instance
 from ._floats import eps, size
 from ._iterate import check_ratio, finish, iterate, settled
@@ -107,7 +107,7 @@ def fixed_point(
         return fixed_point_samples(
             f, h0, solver, xp=xp, contraction=mu, batch_axis=batch_axis, takes_indices=takes_indices, throw=throw
         )
-    op = CheckedCallback(f, "f", h0, xp)
+    op = CheckedCallback(f, "f", h0, xp, called_as="f(h)")
     limits = solver.limits(xp, h0.dtype)
     m = None if mu is None else solver.step_contraction(mu)
     root_eps = math.sqrt(eps(xp, h0.dtype))
@@ -237,6 +237,14 @@ def implicit_gradient(
     -------
     ImplicitGradient
 
+    Notes
+    -----
+    This is the one implementation. ``rbp_core.backends.numpy.implicit_gradient`` and
+    ``rbp_core.backends.cupy.implicit_gradient`` call it after converting their inputs (a list,
+    a scalar or a host array for ``h0`` and ``loss_grad`` becomes an array of that library, on
+    the state's device); this function converts nothing and takes arrays of any Array API
+    library as they are.
+
     Examples
     --------
     >>> import numpy as np
@@ -255,6 +263,18 @@ def implicit_gradient(
     ((2, 2), True)
     """
     method = check_method(method)
+    # The callbacks' arities before the forward solve, which can take long (fixed_point checks f's).
+    for fn, called_as in (
+        (vjp_state, "vjp_state(h, v)"),
+        (vjp_params, "vjp_params(h, z)"),
+        (jvp_state, "jvp_state(h, v)"),
+        (loss_grad if callable(loss_grad) else None, "loss_grad(h)"),
+    ):
+        if fn is not None:
+            if not callable(fn):
+                msg = f"{called_as.partition('(')[0]} must be callable, got {type(fn).__name__}"
+                raise TypeError(msg)
+            check_arity(fn, called_as)
     if method.needs_jvp and jvp_state is None:
         msg = f"{type(method).__name__} needs jvp_state, the callback (h, v) -> (dF/dh at h) v"
         raise ValueError(msg)

@@ -20,7 +20,7 @@ from typing import Any
 
 import array_api_compat
 
-from ._callbacks import CheckedCallback
+from ._callbacks import CheckedCallback, check_arity
 from ._norms import norm_from_sq, widens
 from ._ops import VectorOps
 from ._typing import Array, Namespace
@@ -206,6 +206,8 @@ class SampleCallback:
         if not callable(fn):
             msg = f"{name} must be callable, got {type(fn).__name__}"
             raise TypeError(msg)
+        argument = "h" if name == "f" else "v"
+        check_arity(fn, f"{name}({argument}, indices)" if takes_indices else f"{name}({argument})")
         self._fn: Callable[..., Array] = fn
         self._layout = layout
         self._takes = takes_indices

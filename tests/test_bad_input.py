@@ -145,3 +145,61 @@ def test_a_nonfinite_input_is_never_certified(backend) -> None:
     assert (sol.status, sol.error_bound) == (rbp_core.Status.NONFINITE, None)
     fwd = rbp_core.fixed_point(lambda h: 0.5 * h, bad, contraction=0.6, throw=False)
     assert (fwd.status, fwd.error_bound) == (rbp_core.Status.NONFINITE, None)
+
+
+def _vjp_params(h, z):
+    return z
+
+
+@pytest.mark.parametrize(
+    ("call", "pattern"),
+    [
+        (
+            lambda g: rbp_core.implicit_gradient(
+                lambda h: 0.5 * h, g, g, vjp_state=lambda v: v, vjp_params=_vjp_params, method=rbp_core.OriginalRBP()
+            ),
+            r"vjp_state is called as vjp_state\(h, v\), with 2 positional arguments, .* signature \(v\)",
+        ),
+        (
+            lambda g: rbp_core.implicit_gradient(
+                lambda h: 0.5 * h, g, g, vjp_state=lambda h, v: v, vjp_params=lambda z: z, method=rbp_core.OriginalRBP()
+            ),
+            r"vjp_params is called as vjp_params\(h, z\)",
+        ),
+        (
+            lambda g: rbp_core.implicit_gradient(
+                lambda h: 0.5 * h,
+                g,
+                lambda: g,
+                vjp_state=lambda h, v: v,
+                vjp_params=_vjp_params,
+                method=rbp_core.OriginalRBP(),
+            ),
+            r"loss_grad is called as loss_grad\(h\)",
+        ),
+        (lambda g: rbp_core.solve_adjoint(lambda v, w: v, g, rbp_core.OriginalRBP()), r"vjp is called as vjp\(v\)"),
+        (lambda g: rbp_core.fixed_point(lambda: g, g, rbp_core.FixedPointIteration()), r"f is called as f\(h\)"),
+        (
+            lambda g: rbp_core.fixed_point(
+                lambda h: h, g[None], rbp_core.FixedPointIteration(), batch_axis=0, takes_indices=True
+            ),
+            r"f is called as f\(h, indices\), .* signature \(h\)",
+        ),
+        (
+            lambda g: rbp_core.solve_adjoint(lambda v: v, g[None], rbp_core.GMRES(), batch_axis=0, takes_indices=True),
+            r"vjp is called as vjp\(v, indices\)",
+        ),
+    ],
+)
+def test_callback_of_the_wrong_arity_is_refused_before_solving(call, pattern) -> None:
+    with pytest.raises(TypeError, match=pattern):
+        call(np.ones(3))
+
+
+def test_callbacks_with_defaults_or_varargs_are_accepted() -> None:
+    g = np.ones(3)
+    sol = rbp_core.solve_adjoint(lambda v, scale=0.5: scale * v, g, rbp_core.OriginalRBP())
+    assert sol.converged
+    sol = rbp_core.fixed_point(lambda *args: 0.5 * args[0] + 1.0, g, rbp_core.FixedPointIteration())
+    assert sol.converged
+    assert rbp_core.fixed_point(np.cos, np.zeros(2), rbp_core.FixedPointIteration()).converged  # a ufunc
