@@ -119,6 +119,11 @@ def _never(_v):
     raise AssertionError(msg)
 
 
+def _never_at(_h, _v):
+    msg = "a callback was called on an empty state"
+    raise AssertionError(msg)
+
+
 @pytest.mark.parametrize("shape", [(0,), (0, 5)])
 def test_empty_states_are_solved_without_callbacks(backend, shape) -> None:
     e = backend.asarray(np.zeros(shape))
@@ -135,7 +140,7 @@ def test_empty_states_are_solved_without_callbacks(backend, shape) -> None:
         assert tuple(sol.value.shape) == shape
         assert sol.value is not e
     res = rbp_core.implicit_gradient(
-        _never, e, e, vjp_state=_never, vjp_params=lambda h, z: z, method=rbp_core.CGRBP(), jvp_state=_never
+        _never, e, e, vjp_state=_never_at, vjp_params=lambda h, z: z, method=rbp_core.CGRBP(), jvp_state=_never_at
     )
     assert tuple(res.gradient.shape) == shape
 
