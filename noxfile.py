@@ -1,11 +1,17 @@
-"""Development sessions. ``nox -s tests lint typecheck`` is what CI runs (plus docs and build).
+"""Development sessions. ``nox -s tests lint typecheck`` is what CI runs (plus docs, build and pre-commit).
 
-torch is installed from ``constraints.txt`` (a CPU build pinned there); the
-virtualenv backend is used because uv does not see locally provided wheels.
+What each session installs is a dependency group of ``pyproject.toml`` (read with
+``nox.project.dependency_groups``; no list is repeated here), with torch pinned to a CPU build by
+``constraints.txt``. The virtualenv backend is used because uv does not see locally provided wheels.
+
+Environments are reused, and a reused environment whose requirements, ``pyproject.toml`` and
+``constraints.txt`` are unchanged since it was made installs nothing; ``nox --reuse-venv=no`` (or
+``-N``) rebuilds them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -13,65 +19,86 @@ from pathlib import Path
 
 import nox
 
+nox.needs_version = ">=2025.2.9"  # nox.project.dependency_groups
 nox.options.default_venv_backend = "virtualenv"
 nox.options.sessions = ["tests", "lint", "typecheck"]
-nox.options.reuse_existing_virtualenvs = False
+nox.options.reuse_venv = "yes"
 
 ROOT = Path(__file__).parent
+PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
 CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))
-TEST_DEPS = ("pytest>=8", "hypothesis>=6.100", "numpy>=1.26", "scipy>=1.11", "array-api-strict>=2.3")
 
-# Backend sets the suite runs against. "core" has no torch installed at all, which also proves that
-# rbp_core works without any framework; "torch" adds PyTorch on the CPU, and CUDA torch and CuPy
-# where a GPU exists (elsewhere they show as skipped, with the reason).
+# Backend sets the suite runs against, and the dependency group each needs. "core" has no torch
+# installed at all, which also proves that rbp_core works without any framework; "torch" adds
+# PyTorch on the CPU, and CUDA torch and CuPy where a GPU exists (elsewhere the suite prints one
+# line saying which GPU backends are missing and why).
 BACKEND_SETS = {
-    "core": ("numpy,numpy-readonly,array-api-strict,array-api-strict-noext", ()),
-    "torch": (
-        "torch,torch-cuda?,cupy?",
-        ("torch", "matplotlib>=3.7", "tqdm>=4.60", "scikit-learn>=1.3", "networkx>=3"),
-    ),
+    "core": ("numpy,numpy-readonly,array-api-strict,array-api-strict-noext", "test"),
+    "torch": ("torch,torch-cuda?,cupy?", "test-torch"),
 }
 
 
-def _install(session: nox.Session, *packages: str) -> None:
-    session.install(*CONSTRAINTS, *packages)
+def group(*names: str) -> tuple[str, ...]:
+    """The requirements of pyproject's dependency groups ``names`` (included groups resolved)."""
+    return nox.project.dependency_groups(PYPROJECT, *names)
+
+
+def _install(session: nox.Session, *args: str) -> None:
+    """``pip install -c constraints.txt ARGS``, unless this reused environment already has exactly them."""
+    inputs = "\n".join([*args, (ROOT / "pyproject.toml").read_text(), (ROOT / "constraints.txt").read_text()])
+    key = hashlib.sha256(inputs.encode()).hexdigest()
+    location = getattr(session.virtualenv, "location", None)
+    marker = Path(location) / ".rbp-installed" if location else None
+    if marker is not None and marker.is_file() and marker.read_text() == key:
+        session.log("requirements unchanged since this environment was made: nothing to install")
+        return
+    session.install(*CONSTRAINTS, *args)
+    if marker is not None:
+        marker.write_text(key)
 
 
 @nox.session
 @nox.parametrize("backends", list(BACKEND_SETS))
 def tests(session: nox.Session, backends: str) -> None:
     """Run the test suite (Hypothesis profile "ci") against one backend set."""
-    selection, extra = BACKEND_SETS[backends]
-    _install(session, "-e", ".", *TEST_DEPS, *extra)
+    selection, deps = BACKEND_SETS[backends]
+    _install(session, "-e", ".", *group(deps))
     session.run("pytest", *session.posargs, env={"RBP_BACKENDS": selection, "HYPOTHESIS_PROFILE": "ci"})
 
 
 @nox.session
 def property(session: nox.Session) -> None:
     """The property tests with the long "thorough" Hypothesis profile, on every available backend."""
-    _install(session, "-e", ".", *TEST_DEPS, "torch")
+    _install(session, "-e", ".", *group("test-torch"))
     session.run("pytest", "tests", "-m", "not gpu", *session.posargs, env={"HYPOTHESIS_PROFILE": "thorough"})
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check."""
-    session.install("ruff>=0.6")
+    _install(session, *group("lint"))
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
 
 @nox.session
+def precommit(session: nox.Session) -> None:
+    """The pre-commit hooks on every file: ruff check, the format check, typos, validate-pyproject."""
+    _install(session, *group("precommit"))
+    session.run("pre-commit", "run", "--all-files", "--show-diff-on-failure", *session.posargs)
+
+
+@nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on rbp_core and backends."""
-    _install(session, "-e", ".", "mypy>=1.11", "numpy>=1.26", "scipy>=1.11", "torch")
+    _install(session, "-e", ".", *group("typecheck"))
     session.run("mypy")
 
 
 @nox.session
 def docs(session: nox.Session) -> None:
     """Build the Sphinx site with warnings as errors (-W -n)."""
-    _install(session, "-e", ".", "sphinx>=7", "myst-parser>=3", "numpydoc>=1.7", "numpy>=1.26", "scipy>=1.11", "torch")
+    _install(session, "-e", ".", *group("docs"))
     out = ROOT / "docs" / "_build" / "html"
     shutil.rmtree(out, ignore_errors=True)
     session.run("sphinx-build", "-W", "-n", "--keep-going", "-b", "html", "docs", str(out))
@@ -80,7 +107,7 @@ def docs(session: nox.Session) -> None:
 @nox.session
 def build(session: nox.Session) -> None:
     """Build sdist and wheel, install the wheel in a fresh virtualenv and check what it ships."""
-    session.install("build")
+    _install(session, *group("build"))
     dist = ROOT / "dist"
     shutil.rmtree(dist, ignore_errors=True)
     session.run("python", "-m", "build", "--outdir", str(dist))
@@ -105,7 +132,7 @@ def bench(session: nox.Session) -> None:
     ``bench_torch.py``, ``bench_deq.py``, ``bench_train.py``, ``bench_batch.py`` and ``bench_warm.py`` run with their defaults (torch pinned by ``constraints.txt``; TorchDEQ and
     TorchOpt are the peers they compare with). One intra-op thread, as the timing scripts expect.
     """
-    _install(session, "-e", ".", "numpy>=1.26", "scipy>=1.11", "torch", "torchdeq", "torchopt")
+    _install(session, "-e", ".", *group("bench"))
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     session.run("python", "benchmarks/bench_core.py", *session.posargs, env=env)
     session.run("python", "benchmarks/bench_krylov.py", env=env)
@@ -126,7 +153,7 @@ def gpu(session: nox.Session) -> None:
     run ``python3 benchmarks/gpu_check.py`` directly (see its docstring).
     """
     cupy_pkg = os.environ.get("RBP_CUPY", "cupy-cuda12x")
-    _install(session, "-e", ".", *TEST_DEPS, "torch", cupy_pkg)
+    _install(session, "-e", ".", *group("test-torch"), cupy_pkg)
     session.run("python", "benchmarks/gpu_check.py", "--installed", *session.posargs)
 
 
