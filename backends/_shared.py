@@ -18,9 +18,9 @@ class Callbacks(NamedTuple):
     """The pair of callbacks built from a Jacobian."""
 
     vjp: Callable[[Any], Any]
-    """``v -> J^T v``."""
+    r""":math:`v \mapsto J^T v`."""
     jvp: Callable[[Any], Any]
-    """``v -> J v``."""
+    r""":math:`v \mapsto J v`."""
 
 
 Run = Callable[[Callable[[Any], Any], Any, int, tuple[int, ...]], Any]

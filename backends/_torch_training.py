@@ -1,8 +1,8 @@
-"""What DEQ training needs beyond exact gradients: inexact gradients, the Jacobian penalty, warm starts.
+r"""What DEQ training needs beyond exact gradients: inexact gradients, the Jacobian penalty, warm starts.
 
 Re-exported by :mod:`rbp_core.backends.torch`: :class:`JFB` and :class:`PhantomGradient` (backward
-methods that unroll one or ``K`` damped steps from ``h*``), :func:`jacobian_penalty` (a Hutchinson
-estimate of ``||df/dh||_F^2`` to add to the loss) and :class:`WarmStart` (the per-sample cache of
+methods that unroll one or :math:`K` damped steps from :math:`h^*`), :func:`jacobian_penalty` (a Hutchinson
+estimate of :math:`\|\partial f / \partial h\|_F^2` to add to the loss) and :class:`WarmStart` (the per-sample cache of
 :class:`~rbp_core.backends.torch.FixedPoint`'s warm starts).
 """
 
@@ -23,22 +23,22 @@ __all__ = ["JFB", "PhantomGradient", "WarmStart", "jacobian_penalty"]
 
 @dataclass(frozen=True)
 class PhantomGradient:
-    """An inexact gradient: back-propagation through ``steps`` damped steps taken from ``h*``.
+    r"""An inexact gradient: back-propagation through ``steps`` damped steps taken from :math:`h^*`.
 
     The forward solve runs to its tolerance without a graph (any forward solver); then
-    ``h <- (1 - damping) h + damping f(h)`` runs ``steps`` times with autograd from ``h*``
+    :math:`h \leftarrow (1 - \lambda) h + \lambda f(h)` runs :math:`k` = ``steps`` times with autograd from :math:`h^*`
     (detached), and the output is the last of them. Its gradient is that of the unrolled steps,
-    ``sum_{t<k} (damping J^T + (1 - damping) I)^t`` applied to ``damping dF/dw`` in place of
-    ``(I - J^T)^{-1} dF/dw``: cheap (``steps`` VJPs, memory for ``steps`` steps, none for the
+    :math:`\sum_{t<k} (\lambda J^T + (1 - \lambda) I)^t` applied to :math:`\lambda\, \partial F/\partial w` in place of
+    :math:`(I - J^T)^{-1} \partial F/\partial w`: cheap (``steps`` VJPs, memory for ``steps`` steps, none for the
     forward iterations) and inexact; no backward solve, so ``info.backward`` stays empty.
     ``PhantomGradient(steps=1, damping=1.0)`` is :class:`JFB`.
 
     Parameters
     ----------
     steps : int
-        ``k >= 1`` unrolled steps (TorchDEQ's ``grad=k``).
+        :math:`k \ge 1` unrolled steps (TorchDEQ's ``grad=k``).
     damping : float
-        ``lambda`` in (0, 1] (default 1: plain steps).
+        :math:`\lambda \in (0, 1]` (default 1: plain steps).
 
     Examples
     --------
@@ -57,10 +57,10 @@ class PhantomGradient:
 
 @dataclass(frozen=True)
 class JFB:
-    """The Jacobian-free backward: the gradient of one step ``f(h*)`` at the fixed point.
+    r"""The Jacobian-free backward: the gradient of one step :math:`f(h^*)` at the fixed point.
 
-    ``(I - J^T)^{-1}`` is replaced by ``I``, so the parameters get ``g^T dF/dw`` at ``h*``: the
-    cheapest gradient (one VJP through one step), a descent direction when ``||J||`` is small
+    :math:`(I - J^T)^{-1}` is replaced by :math:`I`, so the parameters get :math:`g^T \partial F/\partial w` at :math:`h^*`: the
+    cheapest gradient (one VJP through one step), a descent direction when :math:`\|J\|` is small
     enough, and inexact. The same as ``PhantomGradient(steps=1)``.
 
     Examples
@@ -144,14 +144,14 @@ def jacobian_penalty(
     samples: int = 1,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """A differentiable Hutchinson estimate of ``||df/dh||_F^2 / n`` at ``h``, for adding to a loss.
+    r"""A differentiable Hutchinson estimate of :math:`\|\partial f / \partial h\|_F^2 / n` at ``h``, for adding to a loss.
 
     The Jacobian regularisation of deep equilibrium models (Bai, Koltun and Kolter, 2021): with
-    ``eps`` standard normal, ``E ||J^T eps||^2 = ||J||_F^2``, so the mean over ``samples`` probes
-    of ``||J^T eps||^2 / n`` (``n`` the state's elements) estimates the squared Frobenius norm per
+    :math:`\epsilon` standard normal, :math:`\mathbb{E}\, \|J^T \epsilon\|^2 = \|J\|_F^2`, so the mean over ``samples`` probes
+    of :math:`\|J^T \epsilon\|^2 / n` (:math:`n` the state's elements) estimates the squared Frobenius norm per
     element. Each probe costs one VJP through one recorded step ``f(h)`` (``h`` detached) and its
     graph is kept (``create_graph``), so the penalty's gradient reaches the parameters of ``f``.
-    Penalising it keeps ``J`` small: fewer forward and backward iterations.
+    Penalising it keeps :math:`J` small: fewer forward and backward iterations.
 
     Parameters
     ----------

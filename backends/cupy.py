@@ -48,20 +48,20 @@ __all__ = ["Callbacks", "as_state", "fused_kernels", "implicit_gradient", "jacob
 
 
 def jacobian_callbacks(J: Any, shape: tuple[int, ...] | None = None) -> Callbacks:
-    """Build ``vjp`` and ``jvp`` from the Jacobian ``J = dF/dh`` of the flattened state, on the GPU.
+    r"""Build ``vjp`` and ``jvp`` from the Jacobian :math:`J = \partial F / \partial h` of the flattened state, on the GPU.
 
     Parameters
     ----------
     J : cupy.ndarray, cupyx.scipy.sparse matrix, or cupyx.scipy.sparse.linalg.LinearOperator
         Square, ``(n, n)``, real. A sparse ``J`` is converted to CSR once for
-        each direction (``J`` and ``J^T``), so both products are row-parallel.
+        each direction (:math:`J` and :math:`J^T`), so both products are row-parallel.
     shape : tuple of int, optional
         The state's shape (any shape with ``n`` elements, C order); default ``(n,)``.
 
     Returns
     -------
     Callbacks
-        ``vjp(v) = J^T v`` and ``jvp(v) = J v``, each returning a CuPy array of
+        ``vjp(v)`` :math:`= J^T v` and ``jvp(v)`` :math:`= J v`, each returning a CuPy array of
         ``v``'s shape and dtype on ``v``'s device. A ``v`` on another device
         than a dense or sparse ``J`` is refused with ``ValueError`` (no silent
         peer-to-peer traffic).

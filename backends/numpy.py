@@ -64,7 +64,7 @@ def _is_sparse(J: object) -> bool:
 
 
 def jacobian_callbacks(J: Any, shape: tuple[int, ...] | None = None) -> Callbacks:
-    """Build ``vjp`` and ``jvp`` from the Jacobian ``J = dF/dh`` of the flattened state.
+    r"""Build ``vjp`` and ``jvp`` from the Jacobian :math:`J = \partial F / \partial h` of the flattened state.
 
     Parameters
     ----------
@@ -77,7 +77,7 @@ def jacobian_callbacks(J: Any, shape: tuple[int, ...] | None = None) -> Callback
     Returns
     -------
     Callbacks
-        ``vjp(v) = J^T v`` and ``jvp(v) = J v``, each returning an array of
+        ``vjp(v)`` :math:`= J^T v` and ``jvp(v)`` :math:`= J v`, each returning an array of
         ``v``'s shape and dtype (a float64 ``J`` applied to a float32 state
         gives float32).
 

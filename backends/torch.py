@@ -1,16 +1,16 @@
-"""PyTorch adapter: fixed points whose gradients come from RBP, CG-RBP or Neumann-RBP.
+r"""PyTorch adapter: fixed points whose gradients come from RBP, CG-RBP or Neumann-RBP.
 
-:func:`fixed_point` finds ``h* = f(h*)`` without an autograd graph and records
-one extra step ``y = f(h*)`` with autograd, the state requiring grad, at forward
-time. A hook on that step's output replaces the incoming gradient ``g = dL/dh*``
-by the solution ``z`` of ``(I - J^T) z = g`` (the chosen backward method of
+:func:`fixed_point` finds :math:`h^* = f(h^*)` without an autograd graph and records
+one extra step :math:`y = f(h^*)` with autograd, the state requiring grad, at forward
+time. A hook on that step's output replaces the incoming gradient :math:`g = \partial L / \partial h^*`
+by the solution :math:`z` of :math:`(I - J^T) z = g` (the chosen backward method of
 :mod:`rbp_core`, with VJPs from autograd through that same recorded step), so
-autograd then delivers ``z^T dF/dw`` to every tensor that ``f`` uses: the
+autograd then delivers :math:`z^T \partial F / \partial w` to every tensor that ``f`` uses: the
 implicit gradient of the map exactly as it was evaluated in the forward pass, in
 memory that grows neither with the forward iterations nor with the backward steps.
 
 :class:`BPTT` and :class:`TBPTT` are the baselines of the paper: back-propagation
-through every forward update, or through the last ``K`` only.
+through every forward update, or through the last :math:`K` only.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class TBPTT:
     """Truncated back-propagation through the last ``steps`` updates.
 
     The forward solve runs to its tolerance without a graph; then ``steps``
-    more steps of the forward solver run with autograd from ``h*`` and the
+    more steps of the forward solver run with autograd from :math:`h^*` and the
     output is the last of them. At an
     exact fixed point ``TBPTT(steps=K + 1)`` gives the gradients of
     ``rbp_core.Neumann(steps=K)``. Memory grows with ``steps``.
@@ -106,7 +106,7 @@ class FixedPointInfo:
     Attributes
     ----------
     forward : Solution
-        The forward solve (``value`` is ``h*`` packed into one flat tensor for tuple states).
+        The forward solve (``value`` is :math:`h^*` packed into one flat tensor for tuple states).
     method : str
         The backward method's name.
     backward : list of Solution
@@ -230,12 +230,12 @@ def fixed_point(
     takes_indices: bool = False,
     _warm: _Adjoints | None = None,
 ) -> tuple[State, FixedPointInfo]:
-    """Fixed point ``h* = f(h*)`` whose gradients come from ``backward``.
+    r"""Fixed point :math:`h^* = f(h^*)` whose gradients come from ``backward``.
 
     Parameters
     ----------
     f : callable
-        ``h -> F(x, w, h)``: any function of the state that closes over tensors
+        :math:`h \mapsto F(x, w, h)`: any function of the state that closes over tensors
         (inputs, ``nn.Module`` parameters). It must return a state of the same
         structure, shapes, dtype and device. For the RBP methods it is
         differentiated as it was evaluated here, at the call: the step ``f(h*)``
@@ -254,11 +254,11 @@ def fixed_point(
         The forward solver (default :class:`rbp_core.FixedPointIteration()`):
         tolerances, budget, damping.
     contraction : float, optional
-        A Lipschitz bound ``mu < 1`` of ``f``; certifies the forward and
+        A Lipschitz bound :math:`\mu < 1` of ``f``; certifies the forward and
         backward solves (``info.forward.error_bound``, ``info.backward[i].error_bound``).
     jvp_mode : {"double-backward", "forward"}
-        How CG-RBP gets ``J v``. ``"double-backward"`` (default): the graph of
-        ``J^T u`` is recorded once per backward pass through the recorded step
+        How CG-RBP gets :math:`J v`. ``"double-backward"`` (default): the graph of
+        :math:`J^T u` is recorded once per backward pass through the recorded step
         and each product is one reverse pass through it (needs double-backward
         support of the ops in ``f``). ``"forward"``: forward-mode AD,
         ``torch.func.jvp``, one forward-mode evaluation of ``f`` per product
@@ -303,7 +303,7 @@ def fixed_point(
     Returns
     -------
     state : Tensor or tuple of Tensor
-        For the RBP methods, ``f(h*)``: one step from the forward solution, the
+        For the RBP methods, :math:`f(h^*)`: one step from the forward solution, the
         step autograd is attached to. For TBPTT, the last of its extra steps;
         for BPTT, the last forward iterate.
     info : FixedPointInfo

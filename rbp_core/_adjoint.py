@@ -1,4 +1,4 @@
-"""The adjoint solve ``(I - J^T) z = g`` with any adjoint method, and the implicit backward pass."""
+"""The adjoint solve :math:`(I - J^T) z = g` with any adjoint method, and the implicit backward pass."""
 
 from __future__ import annotations
 
@@ -57,26 +57,26 @@ def solve_adjoint(
     Parameters
     ----------
     vjp : callable
-        ``v -> J^T v`` for the Jacobian ``J = dF/dh`` at the fixed point. Must
+        :math:`v \mapsto J^T v` for the Jacobian :math:`J = \partial F / \partial h` at the fixed point. Must
         return an array of the library, shape, dtype and device of ``g``.
     g : array
-        The right-hand side, ``dL/dh*``, any shape. Never modified. Without
+        The right-hand side, :math:`\partial L / \partial h^*`, any shape. Never modified. Without
         ``batch_axis`` inner products and norms run over all its elements.
     method : adjoint method
         :class:`~rbp_core.Neumann`, :class:`~rbp_core.OriginalRBP`,
         :class:`~rbp_core.CGRBP`, or any object with the protocol of
         ``docs/architecture.md``.
     jvp : callable, optional
-        ``v -> J v``, for methods with ``needs_jvp`` (CG-RBP).
+        :math:`v \mapsto J v`, for methods with ``needs_jvp`` (CG-RBP).
     z0 : array, optional
         Warm start, for methods with ``supports_warm_start``.
     contraction : float, optional
-        A bound ``mu < 1`` on ``||J||_2``. Enables :attr:`!Solution.error_bound`, a
-        bound on ``||z - z*||`` that holds in floating point: the residual
-        ``g - z + J^T z`` is evaluated afresh (one more VJP, counted in
-        ``num_vjp``) and ``error_bound = (||r|| + delta) / (1 - mu)`` with an
-        allowance ``delta`` for rounding (docs/method.md says what it assumes).
-        A vector met on the way that ``J`` stretches by more than ``mu``
+        A bound :math:`\mu < 1` on :math:`\|J\|_2`. Enables :attr:`!Solution.error_bound`, a
+        bound on :math:`\|z - z^*\|` that holds in floating point: the residual
+        :math:`r = g - z + J^T z` is evaluated afresh (one more VJP, counted in
+        ``num_vjp``) and ``error_bound`` is
+        :math:`(\|r\| + \delta) / (1 - \mu)` with an allowance :math:`\delta` for rounding (docs/method.md says what it assumes).
+        A vector met on the way that :math:`J` stretches by more than :math:`\mu`
         disproves the bound and raises :class:`~rbp_core.ContractionViolation`
         (with ``throw=False``: ``contraction_violated`` is set, and no bound).
     throw : bool
@@ -87,7 +87,7 @@ def solve_adjoint(
     batch_axis : int, optional
         The axis of ``g`` that indexes independent samples (``J`` is block
         diagonal over them). Each sample then has its own norms, tolerance
-        (relative to its own ``||g||``), status, history, divergence test and
+        (relative to its own :math:`\|g\|`), status, history, divergence test and
         error bound, and leaves the iteration when it is done; see the
         Solution's ``sample_*`` fields and docs/batches.md. Every adjoint
         method of rbp-core works per sample.
@@ -302,21 +302,21 @@ def implicit_backward(
     Parameters
     ----------
     vjp_state : callable
-        ``v -> J^T v`` with ``J = dF/dh`` at the fixed point.
+        :math:`v \mapsto J^T v` with :math:`J = \partial F / \partial h` at the fixed point.
     vjp_params : callable
-        ``z -> (dF/dw)^T z``; may return anything (an array, a tuple of arrays,
+        :math:`z \mapsto (\partial F / \partial w)^T z`; may return anything (an array, a tuple of arrays,
         a dict): it is passed through.
     g : array
-        ``dL/dh*``.
+        :math:`\partial L / \partial h^*`.
     method : adjoint method
         :class:`~rbp_core.Neumann`, :class:`~rbp_core.OriginalRBP`,
         :class:`~rbp_core.CGRBP`, or any object with the same protocol.
     jvp_state : callable, optional
-        ``v -> J v``; required by methods with ``needs_jvp``.
+        :math:`v \mapsto J v`; required by methods with ``needs_jvp``.
     z0 : array, optional
         Warm start for methods with ``supports_warm_start``.
     contraction : float, optional
-        A bound ``mu < 1`` on ``||J||_2``, for the error bound.
+        A bound :math:`\mu < 1` on :math:`\|J\|_2`, for the error bound.
     on_failure : {"raise", "skip", "warn", "ignore"}
         What a solve that did not converge does. ``"raise"`` (default):
         :class:`~rbp_core.ConvergenceError`; ``"skip"``: a zero cotangent

@@ -32,10 +32,10 @@ class ConvergenceError(RBPError):
 
 
 class ContractionViolation(RBPError, ValueError):  # noqa: N818 - it reports a violated bound
-    """The user's ``contraction`` bound was contradicted by the iteration.
+    r"""The user's ``contraction`` bound was contradicted by the iteration.
 
-    Each step of the RBP iterations applies ``J^T`` to a known vector, so the
-    ratio of consecutive norms is a lower bound on ``||J||_2``. When it exceeds
+    Each step of the RBP iterations applies :math:`J^T` to a known vector, so the
+    ratio of consecutive norms is a lower bound on :math:`\|J\|_2`. When it exceeds
     the stated bound, the error certificate built on that bound would be
     false, so rbp-core refuses to return it.
     """

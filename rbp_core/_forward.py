@@ -45,7 +45,7 @@ def fixed_point(
     batch_axis: int | None = None,
     takes_indices: bool = False,
 ) -> Solution:
-    r"""Find ``h* = F(h*)`` from ``h0`` with a forward ``solver``.
+    r"""Find :math:`h^* = F(h^*)` from ``h0`` with a forward ``solver``.
 
     Parameters
     ----------
@@ -58,8 +58,8 @@ def fixed_point(
         Default :class:`~rbp_core.FixedPointIteration()`; it holds the
         tolerances, the budget and the damping.
     contraction : float, optional
-        A Lipschitz bound ``mu < 1`` of ``F``; gives ``error_bound``, a bound on
-        the distance of the returned iterate from ``h*`` (see the solver). A
+        A Lipschitz bound :math:`\mu < 1` of :math:`F`; gives ``error_bound``, a bound on
+        the distance of the returned iterate from :math:`h^*` (see the solver). A
         step that the bound cannot explain disproves it
         (:class:`~rbp_core.ContractionViolation`, or ``contraction_violated``
         with ``throw=False``).
@@ -70,7 +70,7 @@ def fixed_point(
     batch_axis : int, optional
         The axis of ``h0`` that indexes independent samples (``F`` acts on each
         sample alone). Each sample then has its own norms, tolerance
-        (relative to its own ``||F(h)||``), status, step count, history,
+        (relative to its own :math:`\|F(h)\|`), status, step count, history,
         divergence test and error bound, so its result does not depend on the
         other samples of the batch; a sample that is done leaves the
         iteration, frozen at its final value. The per-sample results are the
@@ -162,14 +162,14 @@ def fixed_point(
 
 @dataclass(frozen=True, eq=False)
 class ImplicitGradient:
-    """What :func:`implicit_gradient` returns.
+    r"""What :func:`implicit_gradient` returns.
 
     Attributes
     ----------
     value : array
-        The fixed point ``h*``.
+        The fixed point :math:`h^*`.
     gradient : object
-        ``(dF/dw)^T z``, whatever ``vjp_params`` returns.
+        :math:`(\partial F/\partial w)^T z`, whatever ``vjp_params`` returns.
     forward : Solution
         The forward solve.
     backward : Solution
@@ -198,8 +198,8 @@ def implicit_gradient(
 ) -> ImplicitGradient:
     r"""Fixed point, adjoint solve and parameter VJP in one call, from callbacks.
 
-    For simulators with hand-written derivatives: finds ``h* = F(h*)`` from
-    ``h0`` with ``solver``, evaluates ``g = loss_grad(h*)``, solves
+    For simulators with hand-written derivatives: finds :math:`h^* = F(h^*)` from
+    ``h0`` with ``solver``, evaluates :math:`g` = ``loss_grad(h*)``, solves
     :math:`(I - J^T) z = g` with ``method`` and returns
     :math:`(\partial F/\partial w)^T z`, the gradient of the loss with respect
     to the parameters ``w``.
@@ -214,9 +214,9 @@ def implicit_gradient(
         ``dL/dh*``, or ``h* -> dL/dh*``: an array of the library, shape,
         dtype and device of ``h*`` (checked; nothing is broadcast or promoted).
     vjp_state : callable
-        ``(h, v) -> (dF/dh at h)^T v``.
+        ``(h, v)`` :math:`\mapsto (\partial F/\partial h)^T v` at ``h``.
     vjp_params : callable
-        ``(h, z) -> (dF/dw at h)^T z``; any return type.
+        ``(h, z)`` :math:`\mapsto (\partial F/\partial w)^T z` at ``h``; any return type.
     method : adjoint method
         The backward method: :class:`~rbp_core.Neumann`, :class:`~rbp_core.OriginalRBP`, ...
     jvp_state : callable, optional

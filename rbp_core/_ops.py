@@ -41,7 +41,7 @@ class VectorOps:
         self.on_host = array_api_compat.is_numpy_namespace(xp) or array_api_compat.is_array_api_strict_namespace(xp)
 
     def sqnorm(self, x: Array) -> Array:
-        """``||x||^2`` over all elements, a 0-d array (half precisions summed in float32)."""
+        r""":math:`\|x\|^2` over all elements, a 0-d array (half precisions summed in float32)."""
         flat = summable(self.xp, x)
         return flat @ flat
 
@@ -61,21 +61,21 @@ class VectorOps:
         return y + self._scalar(alpha, x) * x
 
     def axpy_sqnorm(self, alpha: Array | float, x: Array, y: Array) -> tuple[Array, Array]:
-        """``(w, ||w||^2)`` with ``w = y + alpha x``."""
+        r""":math:`(w, \|w\|^2)` with :math:`w = y + \alpha x`."""
         w = self.axpy(alpha, x, y)
         return w, self.sqnorm(w)
 
     def add_sqnorm(self, x: Array, y: Array) -> tuple[Array, Array]:
-        """``(y + x, ||x||^2)``: an accumulation and the size of what was added."""
+        r""":math:`(y + x, \|x\|^2)`: an accumulation and the size of what was added."""
         return y + x, self.sqnorm(x)
 
     def add_sqdist(self, x: Array, y: Array, c: Array) -> tuple[Array, Array]:
-        """``(w, ||w - c||^2)`` with ``w = x + y``: a new iterate and its squared distance from the old."""
+        r""":math:`(w, \|w - c\|^2)` with :math:`w = x + y`: a new iterate and its squared distance from the old."""
         w = x + y
         return w, self.sqnorm(w - c)
 
     def step_sqnorms(self, new: Array, old: Array) -> Sequence[Array]:
-        """``(||new - old||^2, ||new||^2)``: the size of a step and of where it arrived."""
+        r""":math:`(\|h_\mathrm{new} - h_\mathrm{old}\|^2, \|h_\mathrm{new}\|^2)`: the size of a step and of where it arrived."""
         return self.sqnorm(new - old), self.sqnorm(new)
 
     def add_combination(self, x: Array, coefficients: Sequence[float], rows: Array) -> Array:

@@ -1,6 +1,6 @@
 """What the driver and the adapters need from a solver: the two protocols.
 
-An adjoint method solves ``(I - J^T) z = g`` on an :class:`~rbp_core._operator.AdjointOperator`;
+An adjoint method solves :math:`(I - J^T) z = g` on an :class:`~rbp_core._operator.AdjointOperator`;
 a forward solver finds ``h = F(h)``. Both are frozen dataclasses whose fields are their settings,
 validated once, with an ``init``/``step`` pair that the driver (:mod:`rbp_core._iterate`) runs.
 ``step`` returns ``(state, iterate, squared_norms, vectors)``: the new iterate, the 0-d arrays
@@ -38,7 +38,7 @@ Step = tuple[Any, Array, Sequence[Array], Vectors]
 
 @runtime_checkable
 class AdjointMethod(Protocol):
-    """A solver of ``(I - J^T) z = g``: :class:`~rbp_core.Neumann`, :class:`~rbp_core.OriginalRBP`, ...
+    """A solver of :math:`(I - J^T) z = g`: :class:`~rbp_core.Neumann`, :class:`~rbp_core.OriginalRBP`, ...
 
     ``init`` may return, as its third item, a measurement of its start: with
     ``start_is_iteration`` it counts as the first iteration (original RBP's ``z_1 = g``);
@@ -64,11 +64,11 @@ class AdjointMethod(Protocol):
 
 @runtime_checkable
 class ForwardSolver(Protocol):
-    """A solver of ``h = F(h)``: :class:`~rbp_core.FixedPointIteration`, ...
+    r"""A solver of :math:`h = F(h)`: :class:`~rbp_core.FixedPointIteration`, ...
 
     ``differentiable_step`` says whether ``step`` may run under an autodiff framework's
     recording (the torch adapter's BPTT and TBPTT unroll it), and ``step_contraction(mu)``
-    gives the Lipschitz constant of one step for a map with constant ``mu``, when one step
+    gives the Lipschitz constant of one step for a map with constant :math:`\mu`, when one step
     is such a map (None otherwise: the certificate then comes from :meth:`error_bound` alone).
     """
 
@@ -88,11 +88,11 @@ class ForwardSolver(Protocol):
         ...
 
     def step_contraction(self, mu: float) -> float | None:
-        """The Lipschitz constant of one step when ``F``'s is ``mu``, or None."""
+        r"""The Lipschitz constant of one step when :math:`F`'s is :math:`\mu`, or None."""
         ...
 
     def error_bound(
         self, xp: Namespace, like: Array, mu: float, norms: tuple[float, ...], previous: float, state: Any
     ) -> float:
-        """A bound on the distance of the returned iterate from ``h*``, from the last ``norms`` or the final ``state``."""
+        """A bound on the distance of the returned iterate from :math:`h^*`, from the last ``norms`` or the final ``state``."""
         ...

@@ -26,7 +26,7 @@ class Status(enum.Enum):
 
 @dataclass(frozen=True, eq=False)
 class Solution:
-    """The result of a forward or backward solve.
+    r"""The result of a forward or backward solve.
 
     Attributes
     ----------
@@ -54,13 +54,13 @@ class Solution:
         The absolute threshold the monitored norm was compared with; None for
         methods that run a fixed number of steps.
     error_bound : float or None
-        Given a contraction bound ``mu`` on the Jacobian's 2-norm, a bound on
+        Given a contraction bound :math:`\mu` on the Jacobian's 2-norm, a bound on
         the 2-norm distance between :attr:`!value` and the exact solution,
         rounding included (see the certificates in the method page); None
         when no contraction bound was given or it was shown false.
     contraction_violated : bool
-        True when the iteration met a vector ``v`` with ``||J v|| > mu ||v||``
-        (beyond rounding) for the ``contraction`` bound ``mu`` it was given:
+        True when the iteration met a vector ``v`` with :math:`\|J v\| > \mu \|v\|`
+        (beyond rounding) for the ``contraction`` bound :math:`\mu` it was given:
         the bound is false, so :attr:`!error_bound` is None.
     note : str
         What the status alone does not say, in words: for a truncated

@@ -69,12 +69,12 @@ class _State:
 
 @dataclass(frozen=True, kw_only=True)  # settings by name: a positional value could land in the wrong one
 class Anderson(BestIterate):
-    r"""Safeguarded type-II Anderson acceleration of ``h <- F(h)``: one call of ``f`` per iteration.
+    r"""Safeguarded type-II Anderson acceleration of :math:`h \leftarrow F(h)`: one call of ``f`` per iteration.
 
-    Each iteration evaluates ``F`` at ``h + beta f - (dG - (1 - beta) dF) gamma``, where
-    ``f = F(h) - h``, ``dF`` and ``dG`` hold the differences of the last ``memory`` residuals and
-    images, and ``gamma`` minimises ``||f - dF gamma||^2 + lambda ||gamma||^2`` with
-    ``lambda = regularization * max(diag(dF dF^T))``: relative to the residuals' scale, so the
+    Each iteration evaluates :math:`F` at :math:`h + \beta f - (\Delta G - (1 - \beta) \Delta F) \gamma`, where
+    :math:`f = F(h) - h`, :math:`\Delta F` and :math:`\Delta G` hold the differences of the last ``memory`` residuals and
+    images, and :math:`\gamma` minimises :math:`\|f - \Delta F \gamma\|^2 + \lambda \|\gamma\|^2` with
+    :math:`\lambda = \mathrm{regularization} \cdot \max \operatorname{diag}(\Delta F\, \Delta F^T)`: relative to the residuals' scale, so the
     method keeps its conditioning as they shrink and reaches tight tolerances (a fixed ridge, as in
     TorchDEQ, swamps small residuals). The Gram matrix reaches the host with the two norms of the
     stopping test in one transfer. Safeguards: a step whose residual exceeds ``safeguard`` times the
@@ -84,21 +84,21 @@ class Anderson(BestIterate):
     the iterate with the smallest residual (``stats["best_iteration"]``; the note says when that is
     not the last).
 
-    Stops when ``||F(h) - h|| <= max(rtol ||F(h)||, atol)``. Memory: ``2 memory + 6`` state-sized
+    Stops when :math:`\|F(h) - h\| \le \max(\mathrm{rtol}\,\|F(h)\|, \mathrm{atol})`. Memory: ``2 memory + 6`` state-sized
     arrays. Its step mixes with coefficients solved on the host, so it cannot be unrolled under
     autograd (``differentiable_step`` is False: the torch adapter's BPTT and TBPTT refuse it; use an
-    implicit backward method). With a ``contraction`` bound ``mu`` of ``F`` the certificate is
-    ``||F(h) - h|| / (1 - mu)`` with allowances for rounding, for the returned iterate.
+    implicit backward method). With a ``contraction`` bound :math:`\mu` of :math:`F` the certificate is
+    :math:`\|F(h) - h\| / (1 - \mu)` with allowances for rounding, for the returned iterate.
 
     Parameters
     ----------
     memory : int
-        ``m >= 1``: how many past differences the mixing uses (default 10).
+        :math:`m \ge 1`: how many past differences the mixing uses (default 10).
     mixing : float or "adaptive"
-        ``beta`` in (0, 1]: 1 takes the mixed images, smaller values damp towards the iterates.
-        ``"adaptive"`` (the default) takes ``beta = 1 - <dG, dF> / <dF, dF>`` from the newest
+        :math:`\beta \in (0, 1]`: 1 takes the mixed images, smaller values damp towards the iterates.
+        ``"adaptive"`` (the default) takes :math:`\beta = 1 - \langle \Delta G, \Delta F\rangle / \langle \Delta F, \Delta F\rangle` from the newest
         differences, kept in ``[0.5, 4]``: the step along the new direction at the map's own scale
-        (``1 / (1 - lambda)`` for ``F(h) = lambda h + c``). In bench_forward.py it saved 10 % of the
+        (:math:`1 / (1 - \lambda)` for :math:`F(h) = \lambda h + c`). In bench_forward.py it saved 10 % of the
         calls to 1e-4 on the DEQ ResNet cell (19 -> 17, three seeds) and 18-22 % to 1e-10 on the
         tanh layer, and cost at most one call elsewhere.
     regularization : float

@@ -37,27 +37,27 @@ class _State:
 class AndersonRBP:
     r"""Original RBP accelerated by Anderson mixing: one VJP per iteration, ``2 memory + 3`` vectors.
 
-    Iterates the adjoint map ``G(z) = J^T z + g``, whose residual ``f = G(z) - z`` is the residual
-    ``g - (I - J^T) z`` of the adjoint equation, and takes as the next iterate
-    ``z + mixing * f - (dG - (1 - mixing) dF) gamma``, where ``dF`` and ``dG`` hold the differences
-    of the last ``memory`` residuals and images and ``gamma`` minimises
-    ``||f - dF gamma||^2 + lambda ||gamma||^2``. The Gram matrix ``dF dF^T`` and ``dF f`` come to
+    Iterates the adjoint map :math:`G(z) = J^T z + g`, whose residual :math:`f = G(z) - z` is the residual
+    :math:`g - (I - J^T) z` of the adjoint equation, and takes as the next iterate
+    :math:`z + \beta f - (\Delta G - (1 - \beta) \Delta F) \gamma` (:math:`\beta` the ``mixing``), where :math:`\Delta F` and :math:`\Delta G` hold the differences
+    of the last ``memory`` residuals and images and :math:`\gamma` minimises
+    :math:`\|f - \Delta F \gamma\|^2 + \lambda \|\gamma\|^2`. The Gram matrix :math:`\Delta F\, \Delta F^T` and :math:`\Delta F f` come to
     the host with the residual norm in one transfer, where the small system is solved. The
-    regularisation is relative, ``lambda = regularization * max(diag(dF dF^T))``, so it keeps the
+    regularisation is relative, :math:`\lambda = \mathrm{regularization} \cdot \max \operatorname{diag}(\Delta F\, \Delta F^T)`, so it keeps the
     same conditioning as the residuals shrink and tight tolerances stay reachable. A system the
-    host cannot solve (or a ``gamma`` that is not finite) clears the memory: the step is a plain
-    RBP step. Converges where original RBP does, usually far faster for ``rho(J)`` near 1.
+    host cannot solve (or a :math:`\gamma` that is not finite) clears the memory: the step is a plain
+    RBP step. Converges where original RBP does, usually far faster for :math:`\rho(J)` near 1.
 
     Parameters
     ----------
     memory : int
-        ``m >= 1``: how many past differences the mixing uses.
+        :math:`m \ge 1`: how many past differences the mixing uses.
     mixing : float
-        ``beta`` in (0, 1]: 1 takes the mixed images, smaller values damp towards the iterates.
+        :math:`\beta \in (0, 1]`: 1 takes the mixed images, smaller values damp towards the iterates.
     regularization : float
         The relative Tikhonov factor (default 1e-10).
     rtol : float, optional
-        Relative tolerance on ``||g - (I - J^T) z||``; default ``sqrt(eps)`` of ``g``'s dtype.
+        Relative tolerance on :math:`\|g - (I - J^T) z\|`; default ``sqrt(eps)`` of ``g``'s dtype.
     atol : float
         Absolute floor of the stopping test (default 0).
     max_iter : int

@@ -99,20 +99,20 @@ class BiCGSTAB:
 
     Van der Vorst's stabilised bi-conjugate gradient. Each iteration's inner products stay on the
     device and come to the host together, in one transfer, with the residual norm. A step whose
-    bi-orthogonality is nearly lost (``|<rhat, r>|``, ``|<rhat, v>|`` or ``|<t, s>|`` below
-    ``sqrt(eps)`` times the norms it is made of) ends the cycle: the next starts afresh from the
+    bi-orthogonality is nearly lost (:math:`|\langle \hat r, r\rangle|`, :math:`|\langle \hat r, v\rangle|` or :math:`|\langle t, s\rangle|` below
+    :math:`\sqrt{\varepsilon}` times the norms it is made of) ends the cycle: the next starts afresh from the
     current residual. A step that breaks down exactly (a non-finite scalar) is undone and the
     cycle restarted from the step before; a breakdown right after a restart is ``BREAKDOWN``, and
     no NaN is ever returned. A recurrence residual below the tolerance is confirmed with the true
     residual (one more VJP) before SUCCESS.
 
-    Memory: 7 state-sized arrays (iterate, residual, shadow residual, direction, ``A p``, and the
+    Memory: 7 state-sized arrays (iterate, residual, shadow residual, direction, :math:`A p`, and the
     previous iterate and residual).
 
     Parameters
     ----------
     rtol : float, optional
-        Relative tolerance on ``||g - (I - J^T) z||``; default ``sqrt(eps)`` of ``g``'s dtype.
+        Relative tolerance on :math:`\|g - (I - J^T) z\|`; default ``sqrt(eps)`` of ``g``'s dtype.
     atol : float
         Absolute floor of the stopping test (default 0).
     max_iter : int

@@ -57,19 +57,19 @@ class _State:
 
 @dataclass(frozen=True, kw_only=True)  # settings by name: a positional value could land in the wrong one
 class Broyden(BestIterate):
-    r"""Limited-memory good Broyden on ``g(h) = F(h) - h``: one call of ``f`` per iteration.
+    r"""Limited-memory good Broyden on :math:`g(h) = F(h) - h`: one call of ``f`` per iteration.
 
-    The inverse of ``g``'s Jacobian ``J - I`` is approximated by ``H = -I + sum_i u_i v_i^T``,
+    The inverse of :math:`g`'s Jacobian :math:`J - I` is approximated by :math:`H = -I + \sum_i u_i v_i^T`,
     updated after each accepted step by the good-Broyden rank-one formula (so the first step is
-    the plain one, ``h + g(h) = F(h)``), and the step is ``p = -H g(h)``. At most ``memory``
-    updates are kept; a full memory restarts from ``H = -I``. All products with the factors run on
+    the plain one, :math:`h + g(h) = F(h)`), and the step is :math:`p = -H g(h)`. At most ``memory``
+    updates are kept; a full memory restarts from :math:`H = -I`. All products with the factors run on
     the device; the host receives the two norms of the stopping test and a secant pair in one
     transfer. Safeguard: a step whose residual exceeds ``safeguard`` times the current one is not
     taken; the step length halves (up to ``backtracks`` times, each one more call of ``f``), after
-    which the memory restarts and the plain step is taken. A zero curvature ``dx^T H dg`` skips the
+    which the memory restarts and the plain step is taken. A zero curvature :math:`\Delta x^T H \Delta g` skips the
     update rather than dividing by it. The Solution holds the iterate with the smallest residual.
 
-    Stops when ``||F(h) - h|| <= max(rtol ||F(h)||, atol)``. Memory: ``2 memory + 6`` state-sized
+    Stops when :math:`\|F(h) - h\| \le \max(\mathrm{rtol}\,\|F(h)\|, \mathrm{atol})`. Memory: ``2 memory + 6`` state-sized
     arrays. Its step lengths are host decisions, so BPTT and TBPTT refuse it (use an implicit
     backward method). With a ``contraction`` bound the certificate is the residual's, as for
     :class:`Anderson`.
@@ -77,7 +77,7 @@ class Broyden(BestIterate):
     Parameters
     ----------
     memory : int
-        ``m >= 1`` rank-one updates kept (default 50; on the tanh layer of ``bench_forward.py`` 10
+        :math:`m \ge 1` rank-one updates kept (default 50; on the tanh layer of ``bench_forward.py`` 10
         updates needed 139 calls of ``f`` to 1e-6 where 50 needed 81 and 200 needed 85).
     safeguard : float
         A step whose residual exceeds this factor (> 1) times the current one is shortened

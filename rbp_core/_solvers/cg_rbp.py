@@ -21,17 +21,17 @@ __all__ = ["CGRBP"]
 class CGRBP:
     r"""CG-RBP: solve :math:`(I - J^T) z = g` by conjugate gradient on the normal equations.
 
-    With ``A = I - J^T`` this is CG on ``A^T A z = A^T g``, that is
-    ``(I - J)(I - J^T) z = (I - J) g``, in the CGLS form: the residual
-    ``r = g - A z`` of the original system is updated alongside ``z`` at no extra
-    cost, and the solve stops when ``||r|| <= max(rtol * ||g||, atol)``. It
-    converges whenever ``I - J`` is invertible, whatever the spectral radius of
-    ``J``, at a rate set by the condition number of ``I - J`` (squared by the
+    With :math:`A = I - J^T` this is CG on :math:`A^T A z = A^T g`, that is
+    :math:`(I - J)(I - J^T) z = (I - J) g`, in the CGLS form: the residual
+    :math:`r = g - A z` of the original system is updated alongside :math:`z` at no extra
+    cost, and the solve stops when :math:`\|r\| \le \max(\mathrm{rtol}\,\|g\|, \mathrm{atol})`. It
+    converges whenever :math:`I - J` is invertible, whatever the spectral radius of
+    :math:`J`, at a rate set by the condition number of :math:`I - J` (squared by the
     normal equations). Each iteration costs one VJP and one JVP; a warm start
     ``z0`` costs one more VJP for its residual. ``residual_norms[i-1]`` is
-    ``||g - (I - J^T) z_i||`` as updated by the recurrence.
+    :math:`\|g - (I - J^T) z_i\|` as updated by the recurrence.
 
-    ``BREAKDOWN`` means a search direction ``p`` with ``(I - J^T) p = 0`` up to
+    ``BREAKDOWN`` means a search direction :math:`p` with :math:`(I - J^T) p = 0` up to
     the rounding of that difference: the system is singular.
 
     Parameters

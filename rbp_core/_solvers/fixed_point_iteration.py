@@ -18,17 +18,17 @@ __all__ = ["FixedPointIteration"]
 
 @dataclass(frozen=True, kw_only=True)  # settings by name: a positional value could land in the wrong one
 class FixedPointIteration:
-    r"""Iterate ``h <- (1 - damping) h + damping F(h)`` to a fixed point: the default forward solver.
+    r"""Iterate :math:`h \leftarrow (1 - \beta) h + \beta F(h)` (:math:`\beta` the ``damping``) to a fixed point: the default forward solver.
 
-    Stops when ``||h_{t+1} - h_t|| <= max(rtol * ||h_{t+1}||, atol)``. The test
+    Stops when :math:`\|h_{t+1} - h_t\| \le \max(\mathrm{rtol}\,\|h_{t+1}\|, \mathrm{atol})`. The test
     is relative; ``atol`` is an absolute floor for fixed points at or near zero,
     where a relative test can never be met. The Solution's ``value`` is the last
-    iterate ``h_{t+1}``, ``residual_norms`` holds ``||h_{t+1} - h_t||`` and
+    iterate :math:`h_{t+1}`, ``residual_norms`` holds :math:`\|h_{t+1} - h_t\|` and
     ``num_f_evals`` counts the calls of ``f``.
 
-    With a Lipschitz bound ``mu < 1`` of ``F`` (``contraction=``), the damped map's
-    constant ``m = 1 - damping + damping * mu`` gives ``error_bound``, a bound on
-    ``||h_{t+1} - h*||``: ``m/(1-m) * ||h_{t+1} - h_t||`` with allowances for the
+    With a Lipschitz bound :math:`\mu < 1` of :math:`F` (``contraction=``), the damped map's
+    constant :math:`m = 1 - \beta + \beta \mu` gives ``error_bound``, a bound on
+    :math:`\|h_{t+1} - h^*\|`: :math:`\frac{m}{1 - m} \|h_{t+1} - h_t\|` with allowances for the
     rounding of the step, of its norm and of the damped combination (``F`` as
     evaluated is taken as exact; docs/method.md).
 

@@ -46,24 +46,24 @@ class _Cycle:
 class GMRES:
     r"""Restarted GMRES(m) on :math:`(I - J^T) z = g`: one VJP per iteration, no JVP.
 
-    Each iteration extends an orthonormal basis of the Krylov space of ``A = I - J^T`` by one
+    Each iteration extends an orthonormal basis of the Krylov space of :math:`A = I - J^T` by one
     vector (classical Gram-Schmidt with one re-orthogonalisation: all inner products of a step
     are one product with the basis, held as one ``(m + 1, n)`` array written in place) and brings that step's
     ``m + 2`` numbers to the host in one transfer, where Givens rotations update the small
     least-squares problem and its residual norm. After ``restart`` iterations the iterate is
     formed and a new cycle starts from its true residual (one more VJP); a residual that the
     recurrence says is below the tolerance is confirmed the same way before SUCCESS. It
-    converges for any invertible ``I - J``, however close ``J``'s spectral radius is to 1 or
-    beyond, at a rate set by the spectrum of ``I - J`` rather than by ``rho(J)``.
+    converges for any invertible :math:`I - J`, however close :math:`J`'s spectral radius is to 1 or
+    beyond, at a rate set by the spectrum of :math:`I - J` rather than by :math:`\rho(J)`.
 
     Memory: ``restart + 3`` state-sized arrays (the basis, the iterate and a residual).
 
     Parameters
     ----------
     restart : int
-        ``m >= 1``, the iterations of a cycle (the basis size).
+        :math:`m \ge 1`, the iterations of a cycle (the basis size).
     rtol : float, optional
-        Relative tolerance on ``||g - (I - J^T) z||``; default ``sqrt(eps)`` of ``g``'s dtype.
+        Relative tolerance on :math:`\|g - (I - J^T) z\|`; default ``sqrt(eps)`` of ``g``'s dtype.
     atol : float
         Absolute floor of the stopping test (default 0).
     max_iter : int

@@ -19,22 +19,22 @@ __all__ = ["Neumann"]
 class Neumann:
     r"""Neumann-RBP: sum ``steps + 1`` terms of the series :math:`\sum_t (J^T)^t g`.
 
-    With ``v_0 = z_0 = g`` each step computes ``v_t = J^T v_{t-1}`` and
-    ``z_t = z_{t-1} + v_t``: exactly ``steps`` VJPs and two state-sized buffers,
+    With :math:`v_0 = z_0 = g` each step computes :math:`v_t = J^T v_{t-1}` and
+    :math:`z_t = z_{t-1} + v_t`: exactly ``steps`` VJPs and two state-sized buffers,
     whatever ``steps`` is. At an exact fixed point this equals truncated
     back-propagation through the last ``steps + 1`` updates. The solve is a
     truncation, not a convergence test: SUCCESS means the ``steps`` ran with
     finite values and no sign of divergence, and ``Solution.note`` says how many
     terms were summed and the size of the last one relative to the first.
-    ``residual_norms`` holds ``||v_t||`` for ``t = 1..steps``.
+    ``residual_norms`` holds :math:`\|v_t\|` for :math:`t = 1, \dots, K`.
 
     Parameters
     ----------
     steps : int
-        ``K >= 0``, the number of VJPs.
+        :math:`K \ge 0`, the number of VJPs.
     divergence_factor : float or None
-        Status ``DIVERGED`` as soon as a term's norm ``||v_t||`` exceeds this
-        factor times the smallest term norm so far (``||g||`` included). The
+        Status ``DIVERGED`` as soon as a term's norm :math:`\|v_t\|` exceeds this
+        factor times the smallest term norm so far (:math:`\|g\|` included). The
         default, 10, is far stricter than the tolerance-driven solvers' 1e4:
         a truncated series has no later iterations to recover in, so terms that
         grow tenfold mean the partial sum is no gradient (docs/method.md says
@@ -43,8 +43,8 @@ class Neumann:
 
     Notes
     -----
-    With a ``contraction`` bound ``mu``, a ratio ``||v_t|| / ||v_{t-1}||``
-    above ``mu`` disproves it, and the certificate costs one more VJP.
+    With a ``contraction`` bound :math:`\mu`, a ratio :math:`\|v_t\| / \|v_{t-1}\|`
+    above :math:`\mu` disproves it, and the certificate costs one more VJP.
 
     Examples
     --------
@@ -75,7 +75,7 @@ class Neumann:
         return Limits(max_steps=self.steps, rtol=None, divergence_factor=self.divergence_factor)
 
     def init(self, A: AdjointOperator, g: Array, z0: Array | None, ops: VectorOps) -> tuple[Any, Array, Any]:  # noqa: ARG002
-        """``z_0 = v_0 = g``; ``||g||`` is the reference the first term is compared with."""
+        r"""``z_0 = v_0 = g``; :math:`\|g\|` is the reference the first term is compared with."""
         return (g, g), g, ((ops.sqnorm(g),), ((g, None),))
 
     def step(self, A: AdjointOperator, state: Any, ops: VectorOps) -> tuple[Any, Array, Any, Any]:

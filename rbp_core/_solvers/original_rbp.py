@@ -17,14 +17,14 @@ __all__ = ["OriginalRBP"]
 
 @dataclass(frozen=True, kw_only=True)  # settings by name: a positional value could land in the wrong one
 class OriginalRBP:
-    r"""Original RBP: solve :math:`(I - J^T) z = g` by iterating ``z_i = J^T z_{i-1} + g``.
+    r"""Original RBP: solve :math:`(I - J^T) z = g` by iterating :math:`z_i = J^T z_{i-1} + g`.
 
-    Converges when the spectral radius of ``J`` is below 1, at a rate of about
-    that radius per iteration, and diverges otherwise even when ``I - J`` is
-    invertible: use :class:`CGRBP` there. The difference ``z_i - z_{i-1}`` is
-    exactly the residual ``g - (I - J^T) z_{i-1}``; the iteration stops when its
-    norm is ``<= max(rtol * ||g||, atol)``, and ``residual_norms[i-1]`` is
-    ``||z_i - z_{i-1}||``. Without a warm start ``z_0 = 0``, so ``z_1 = g`` costs
+    Converges when the spectral radius of :math:`J` is below 1, at a rate of about
+    that radius per iteration, and diverges otherwise even when :math:`I - J` is
+    invertible: use :class:`CGRBP` there. The difference :math:`z_i - z_{i-1}` is
+    exactly the residual :math:`g - (I - J^T) z_{i-1}`; the iteration stops when its
+    norm is :math:`\le \max(\mathrm{rtol}\,\|g\|, \mathrm{atol})`, and ``residual_norms[i-1]`` is
+    :math:`\|z_i - z_{i-1}\|`. Without a warm start :math:`z_0 = 0`, so :math:`z_1 = g` costs
     no VJP and ``num_vjp = num_steps - 1``; with one every iteration costs one VJP.
 
     Parameters
@@ -38,7 +38,7 @@ class OriginalRBP:
     divergence_factor : float or None
         Status ``DIVERGED`` as soon as the residual norm exceeds this factor
         times the smallest residual norm seen; None turns the test off (for a
-        non-normal ``J`` whose residuals grow for a while before they shrink).
+        non-normal :math:`J` whose residuals grow for a while before they shrink).
 
     Examples
     --------
