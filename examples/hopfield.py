@@ -430,6 +430,7 @@ def plot(results: Sequence[Result], images: np.ndarray, corrupted: np.ndarray, o
 
     mpl.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # mpl.ticker below
 
     # One panel per method (the curves of methods that compute the same gradient lie on top of each
     # other): the method in colour with markers, the others in grey behind it.
@@ -442,6 +443,8 @@ def plot(results: Sequence[Result], images: np.ndarray, corrupted: np.ndarray, o
         ax.plot(np.arange(1, len(r.curve) + 1), r.curve, color=f"C{k}", marker="o", ms=3, lw=1.5)
         ax.set_title(r.method + (" (diverged)" if r.status == "diverged" else ""), fontsize=9)
         ax.set(xlabel="epoch", yscale="log")
+        ax.yaxis.set_major_formatter(mpl.ticker.FormatStrFormatter("%.3g"))  # plain numbers, not 3.4 x 10^-1
+        ax.yaxis.set_minor_formatter(mpl.ticker.FormatStrFormatter("%.3g"))
     axes[0][0].set_ylabel("training L1 loss (lower is better)")
     fig.suptitle("Hopfield associative memory: training loss per method (others in grey)", fontsize=10)
     fig.tight_layout()
