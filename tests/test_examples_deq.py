@@ -51,7 +51,19 @@ def test_quick_run_writes_its_metrics(tmp_path: Path) -> None:
     assert epoch["forward_iterations"] >= 1
     assert epoch["backward_iterations"] >= 1
     assert set(epoch["samples_over_budget"]) == {"forward", "backward"}
+    assert epoch["peak_rss_mib"] > 0
     assert (out / "curves.png").stat().st_size > 0
+
+
+def test_jacobian_regularisation_enters_the_loss(tmp_path: Path) -> None:
+    _fake_fashion(tmp_path)
+    runs = {}
+    for weight in ("0", "1"):
+        out = tmp_path / f"out{weight}"
+        args = ["--quick", "--data", str(tmp_path), "--out", str(out), "--no-progress", "--channels", "8"]
+        assert _example().main([*args, "--batch", "32", "--jac-reg", weight]) == 0
+        runs[weight] = json.loads((out / "metrics.json").read_text())["epochs"][0]
+    assert runs["1"]["train_loss"] != runs["0"]["train_loss"]  # the penalty changed the parameters' path
 
 
 def test_missing_data_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
