@@ -41,7 +41,7 @@ import torch
 from _common import load_idx_dir, progress
 
 import rbp_core
-from rbp_core.backends.torch import FixedPoint, PhantomGradient, jacobian_penalty
+from rbp_core.backends.torch import JFB, FixedPoint, PhantomGradient, jacobian_penalty
 
 DEFAULT_DATA = ("/usr/share/datasets/fashion-mnist",)  # where Debian's dataset-fashion-mnist puts them
 
@@ -136,12 +136,13 @@ def make_methods(args: argparse.Namespace) -> tuple[Any, Any]:
     solvers = {
         "anderson": rbp_core.Anderson(rtol=args.tol, max_iter=args.max_iter),
         "broyden": rbp_core.Broyden(rtol=args.tol, max_iter=args.max_iter),
-        "iteration": rbp_core.FixedPointIteration(rtol=args.tol, max_iter=args.max_iter, damping=0.5),
+        "iteration": rbp_core.FixedPointIteration(rtol=args.tol, max_iter=args.max_iter, damping=args.damping),
     }
     backwards = {
         "gmres": rbp_core.GMRES(rtol=args.tol, max_iter=args.max_iter),
         "original": rbp_core.OriginalRBP(rtol=args.tol, max_iter=args.max_iter),
         "phantom": PhantomGradient(steps=5, damping=0.8),
+        "jfb": JFB(),
     }
     return solvers[args.solver], backwards[args.backward]
 
@@ -241,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tol", type=float, default=1e-3)
     parser.add_argument("--max-iter", type=int, default=30)
     parser.add_argument("--solver", choices=("anderson", "broyden", "iteration"), default="anderson")
-    parser.add_argument("--backward", choices=("gmres", "original", "phantom"), default="gmres")
+    parser.add_argument("--backward", choices=("gmres", "original", "phantom", "jfb"), default="gmres")
+    parser.add_argument("--damping", type=float, default=0.5, help="of --solver iteration (default 0.5)")
     parser.add_argument("--peer", choices=("rbp-core", "torchdeq"), default="rbp-core")
     parser.add_argument(
         "--jac-reg", type=float, default=0.0, help="weight of the Jacobian penalty (rbp-core only; default 0: none)"
