@@ -180,11 +180,13 @@ class _TorchOps(rbp_core.VectorOps):
         c = torch.tensor(coefficients, dtype=rows.dtype, device=rows.device)
         return torch.addmv(x, rows.T, c)
 
-    def write_difference(self, buffer: torch.Tensor, index: tuple[int, ...], a: torch.Tensor, b: torch.Tensor) -> None:
+    def write_difference(
+        self, buffer: torch.Tensor, index: tuple[int, ...], a: torch.Tensor, b: torch.Tensor
+    ) -> torch.Tensor:
         if a.requires_grad or b.requires_grad:  # out= does not record a graph
-            super().write_difference(buffer, index, a, b)
-        else:
-            torch.sub(a, b, out=buffer[index])
+            return cast("torch.Tensor", super().write_difference(buffer, index, a, b))
+        torch.sub(a, b, out=buffer[index])
+        return buffer
 
 
 rbp_core.register_ops(array_api_compat.is_torch_namespace, _TorchOps)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import array_api_compat
 
@@ -24,6 +25,8 @@ from ._norms import norm_from_sq, summable
 from ._typing import Array, Namespace
 
 __all__ = ["VectorOps", "ops_for", "register_ops"]
+
+T = TypeVar("T")
 
 
 class VectorOps:
@@ -39,6 +42,8 @@ class VectorOps:
         # Libraries whose arrays live in host memory: a 0-d array converts to a float with no
         # transfer, and their scalar arithmetic warns on division by zero, so ratios are taken here.
         self.on_host = array_api_compat.is_numpy_namespace(xp) or array_api_compat.is_array_api_strict_namespace(xp)
+        # Libraries whose arrays cannot be written: a solver's own buffers are updated into new arrays.
+        self.immutable = array_api_compat.is_jax_namespace(xp)
 
     def sqnorm(self, x: Array) -> Array:
         r""":math:`\|x\|^2` over all elements, a 0-d array (half precisions summed in float32)."""
@@ -83,10 +88,29 @@ class VectorOps:
         c = self.xp.asarray(coefficients, dtype=rows.dtype, device=array_api_compat.device(rows))
         return x + c @ rows
 
-    def write_difference(self, buffer: Array, index: tuple[int, ...], a: Array, b: Array) -> None:
-        """``buffer[index] = a - b`` (``index`` a leading integer index), in place: ``buffer`` is a
-        solver's own array, never the caller's."""
-        buffer[(*index, ...)] = a - b
+    def put(self, buffer: Array, index: object, value: Array | float | bool) -> Array:
+        """``buffer`` with ``buffer[index] = value``: written in place (``buffer`` is a solver's own
+        array, never the caller's), or a new array where the library's arrays cannot be written (JAX).
+
+        Solvers write their buffers through this method only, and keep what it returns.
+        """
+        if self.immutable:
+            return buffer.at[index].set(value)
+        buffer[index] = value
+        return buffer
+
+    def write_difference(self, buffer: Array, index: tuple[int, ...], a: Array, b: Array) -> Array:
+        """``buffer`` with ``buffer[index] = a - b`` (``index`` a leading integer index), as :meth:`put`."""
+        return self.put(buffer, (*index, ...), a - b)
+
+    def cond(self, pred: object, then: Callable[[T], T], otherwise: Callable[[T], T], operand: T) -> T:
+        """``then(operand)`` if ``pred`` else ``otherwise(operand)``: a branch of a solver's step.
+
+        ``pred`` is a Python bool in the host drivers; a traced driver (the JAX adapter's, under
+        ``jax.jit``) gives operations whose ``cond`` takes a traced one, and both branches must then
+        return values of the same structure.
+        """
+        return then(operand) if pred else otherwise(operand)
 
     def exact_norm(self, s: float, x: Array, minus: Array | None = None) -> float:
         """The 2-norm of ``x`` (or ``x - minus``) from its sum of squares ``s``, rescaled where ``s`` is 0, inf or NaN."""

@@ -107,8 +107,8 @@ class Memory:
             self.d = xp.empty((self.capacity, 2, f.shape[0]), dtype=f.dtype, device=array_api_compat.device(f))
             self.wide = widens(xp, f.dtype)
         self.slot = (self.slot + 1) % self.capacity
-        ops.write_difference(self.d, (self.slot, 0), G, G_prev)
-        ops.write_difference(self.d, (self.slot, 1), f, f_prev)
+        self.d = ops.write_difference(self.d, (self.slot, 0), G, G_prev)
+        self.d = ops.write_difference(self.d, (self.slot, 1), f, f_prev)
         self.count += 1
         self.gamma = None
 

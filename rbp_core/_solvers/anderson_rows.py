@@ -166,9 +166,9 @@ class AndersonRows(BestRowsForm):
         G_prev = xp.where(col, st.best_img, st.G)
         d_img, d_res = G - G_prev, r - f_prev
         st.slot = (st.slot + 1) % self.settings.memory
-        st.d_img[:, st.slot, :] = d_img
-        st.d_res[:, st.slot, :] = d_res
-        st.valid[:, st.slot] = True
+        st.d_img = ops.put(st.d_img, (slice(None), st.slot, slice(None)), d_img)
+        st.d_res = ops.put(st.d_res, (slice(None), st.slot, slice(None)), d_res)
+        st.valid = ops.put(st.valid, (slice(None), st.slot), True)
         if st.pairs is not None:
             st.pairs.items.append((ops.sqnorm(d_img), ops.sqnorm(d_img - d_res)))
         if self.settings.mixing == "adaptive":

@@ -157,8 +157,8 @@ class Broyden(BestIterate):
                     V = xp.empty_like(U)  # rows are read only once written
                 if k >= self.memory:  # a full memory restarts from H = -I and this update
                     k = 0
-                U[k, :] = u_row
-                V[k, :] = v_row
+                U = ops.put(U, (k, slice(None)), u_row)
+                V = ops.put(V, (k, slice(None)), v_row)
                 rank = k + 1
                 p = -_apply(U, V, rank, st.g)
             assert p is not None

@@ -147,14 +147,12 @@ class BroydenRows(BestRowsForm):
         inv = ops.ratio_or_zero(xp.ones_like(denom), denom)  # 1 / dx^T H dg, or 0: no update
         u_row = ops.axpy(inv, st.dx - hdg, xp.zeros_like(st.dx))
         v_row = _apply(xp, st, st.dx, transpose=True)
-        if st.slot + 1 >= self.settings.memory:  # the ring wraps: every row restarts from H = -I
-            st.valid = xp.zeros_like(st.valid)
-            st.slot = 0
-        else:
-            st.slot += 1
-        st.U[:, st.slot, :] = u_row
-        st.V[:, st.slot, :] = v_row
-        st.valid[:, st.slot] = st.pending
+        # When the ring wraps, every row restarts from H = -I.
+        st.valid = ops.cond(st.slot + 1 >= self.settings.memory, xp.zeros_like, _same, st.valid)
+        st.slot = (st.slot + 1) % self.settings.memory
+        st.U = ops.put(st.U, (slice(None), st.slot, slice(None)), u_row)
+        st.V = ops.put(st.V, (slice(None), st.slot, slice(None)), v_row)
+        st.valid = ops.put(st.valid, (slice(None), st.slot), st.pending)
         st.p = xp.where(col(st.pending), -_apply(xp, st, st.g), st.p)
         st.pending = xp.zeros_like(st.pending)
 
@@ -169,6 +167,10 @@ def _apply(xp: Namespace, st: _Rows, y: Array, *, transpose: bool = False) -> Ar
     coefficients = xp.matmul(right, y[:, :, None])[:, :, 0]
     coefficients = xp.where(st.valid, coefficients, xp.zeros_like(coefficients))
     return xp.matmul(coefficients[:, None, :], left)[:, 0, :] - y
+
+
+def _same(x: Array) -> Array:
+    return x
 
 
 def _column(xp: Namespace) -> Any:

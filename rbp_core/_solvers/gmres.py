@@ -121,7 +121,7 @@ class GMRES:
             # cycle, so a kept state's rows are never overwritten). Uninitialised: rows are read
             # only once written, and zeroing it cost 150 us a backward at 21 x 16384 float32.
             V = xp.empty((self.restart + 1, r.shape[0]), dtype=r.dtype, device=array_api_compat.device(r))
-            V[0, :] = r / _safe_sqrt(xp, beta_sq)
+            V = ops.put(V, (0, slice(None)), r / _safe_sqrt(xp, beta_sq))
             extra.append(xp.reshape(beta_sq, (1,)))
         shape = state.g.shape
         basis = V[: j + 1, :]
@@ -134,7 +134,7 @@ class GMRES:
         hn_sq = w @ w
         # A lucky breakdown (w = 0: the solution lies in the basis) gives a zero vector, never a NaN;
         # the host sees ||w|| = 0 and the residual 0, so it is not used.
-        V[j + 1, :] = w / _safe_sqrt(xp, hn_sq)
+        V = ops.put(V, (j + 1, slice(None)), w / _safe_sqrt(xp, hn_sq))
         values = xp.concat([h, xp.reshape(hn_sq, (1,)), *extra])
         return replace(state, V=V, r=None), None, values, ()
 
