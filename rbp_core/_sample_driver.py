@@ -326,8 +326,10 @@ def iterate_samples(
             # it says converged decide (one product for the batch, one transfer), and the rows above
             # their threshold go on, restarted by the solver from their iterates.
             assert confirm_rows is not None
-            state, true_sq = confirm_rows(problem, state, confirming, ops)
-            (trues,) = ops.to_host([true_sq])
+            chosen = set(confirming)
+            mask = xp.asarray([i in chosen for i in range(len(active))], device=array_api_compat.device(sqs[0]))
+            state, true_sq = confirm_rows(problem, state, mask, ops)
+            (trues,) = ops.to_host([xp.take(true_sq, index_array(xp, confirming, true_sq), axis=0)])
             for i, sq in zip(confirming, trues, strict=True):
                 r = math.sqrt(sq) if 0.0 < sq < math.inf else (0.0 if sq == 0.0 else math.nan)
                 hist[i][-1] = a_prev[i] = r

@@ -16,8 +16,6 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import array_api_compat
-
 from .._floats import eps
 from .._typing import Array, Namespace
 from ._rows import PerSampleForm, RowState
@@ -140,27 +138,27 @@ class BiCGSTABRows(PerSampleForm):
         rows = xp.where(col(broke), xp.full_like(r, math.nan), new.r)  # the vector each reported norm is of
         return new, new.z, [reported * reported], ((rows, None),)
 
-    def confirm_rows(self, A: AdjointOperator, st: _Rows, positions: list[int], ops: RowOps) -> tuple[_Rows, Array]:
-        """The true residuals of the rows ``positions`` (one VJP of the batch); those rows restart from them.
+    def confirm_rows(self, A: AdjointOperator, st: _Rows, rows: Array, ops: RowOps) -> tuple[_Rows, Array]:
+        """The true residuals (one VJP of the batch); the rows where the ``(b,)`` mask ``rows`` is set restart from them.
 
-        Returns the state and the rows' true squared residual norms, a ``(len(positions),)`` array.
+        Returns the state and every row's true squared residual norm, a ``(b,)`` array.
         """
         xp = A.namespace
         true = (st.g - st.z) + A.vjp(st.z)
-        b = st.z.shape[0]
-        chosen = set(positions)
-        mask = xp.asarray([i in chosen for i in range(b)], device=array_api_compat.device(st.z))
         new = st.copy()
-        new.r = xp.where(xp.reshape(mask, (-1, 1)), true, st.r)
-        new.fresh = st.fresh | mask
+        new.r = xp.where(xp.reshape(rows, (-1, 1)), true, st.r)
+        new.fresh = st.fresh | rows
         sq = ops.sqnorm(true)
-        new.residual = xp.where(mask, xp.sqrt(sq), st.residual)
-        index = xp.asarray(positions, dtype=xp.int64, device=array_api_compat.device(st.z))
-        return new, xp.take(sq, index, axis=0)
+        new.residual = xp.where(rows, xp.sqrt(sq), st.residual)
+        return new, sq
+
+    def broken_rows(self, st: _Rows) -> Array:
+        """The rows whose last step broke down right after a restart, a ``(b,)`` mask."""
+        return st.broke_down
 
     def breakdown(self, A: AdjointOperator, st: _Rows) -> bool:  # noqa: ARG002 - part of the protocol
         """Whether the (one-row) state's last step broke down right after a restart."""
-        return bool(st.broke_down[0])
+        return bool(self.broken_rows(st)[0])
 
     def stats(self, state: Any) -> dict[str, object]:  # noqa: ARG002 - part of the protocol
         """``memory_vectors``: state-sized arrays per sample."""
