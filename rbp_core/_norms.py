@@ -112,30 +112,34 @@ def slow_norm(xp: Namespace, x: Array, s: float) -> float:
 def _scaled_norm(xp: Namespace, flat: Array) -> float:
     """The norm of a finite 1-d array whose plain sum of squares overflowed or underflowed.
 
-    Narrower dtypes are widened to float64, whose range holds every square of a
-    float32 (or float16) value. A float64 array is scaled by a power of two,
-    which is exact, so that its largest entry lies in [0.5, 1). Scaling never
-    divides by the array's (possibly subnormal) maximum: some backends divide by
-    multiplying with the reciprocal, which overflows for a subnormal divisor (as
-    PyTorch's CUDA kernels do).
+    Narrower dtypes are widened to the library's widest floating dtype, float64 (or float32 where
+    a library has no float64 at hand, as JAX without ``jax_enable_x64``), whose range holds every
+    square of a narrower value. An array already in that dtype is scaled by a power of two, which
+    is exact, so that its largest entry lies in [0.5, 1). Scaling never divides by the array's
+    (possibly subnormal) maximum: some backends divide by multiplying with the reciprocal, which
+    overflows for a subnormal divisor (as PyTorch's CUDA kernels do).
     """
-    if xp.finfo(flat.dtype).bits < 64:
-        wide = xp.astype(flat, xp.float64)
-        return math.sqrt(float(wide @ wide))
+    wide = _widest(xp)
+    if xp.finfo(flat.dtype).bits < xp.finfo(wide).bits:
+        wide_flat = xp.astype(flat, wide)
+        return math.sqrt(float(wide_flat @ wide_flat))
     scale = float(xp.max(xp.abs(flat)))
     if scale == 0.0:
         return 0.0
     e = math.frexp(scale)[1]  # scale = m 2^e with 0.5 <= m < 1
-    # Two exact steps where 2^-e alone is not a normal float64 (and could be flushed to zero).
-    y = flat
-    if e < -900:
-        y, shift = y * 2.0**600, e + 600
-    elif e > 900:
-        y, shift = y * 2.0**-600, e - 600
-    else:
-        shift = e
-    y = y * 2.0**-shift  # = flat * 2^-e
+    # In two exact steps of at most half the exponent each: 2^-e alone may not be a normal number
+    # of the dtype (and could be flushed to zero, or overflow).
+    half = e // 2
+    y = flat * 2.0**-half * 2.0 ** -(e - half)  # = flat * 2^-e
     try:
         return math.ldexp(math.sqrt(float(y @ y)), e)
     except OverflowError:  # the norm itself exceeds the largest float64
         return math.inf
+
+
+def _widest(xp: Namespace) -> Any:
+    """float64, or float32 for a library that has no float64 at hand (JAX without x64)."""
+    info = getattr(xp, "__array_namespace_info__", None)
+    if info is not None and "float64" not in info().dtypes(kind="real floating"):
+        return xp.float32
+    return xp.float64
