@@ -140,7 +140,7 @@ def load(data: str | None, quick: bool, train_size: int | None = None) -> tuple[
 def make_methods(args: argparse.Namespace) -> tuple[Any, Any]:
     """The forward solver and backward method named on the command line."""
     solvers = {
-        "anderson": rbp_core.Anderson(rtol=args.tol, max_iter=args.max_iter),
+        "anderson": rbp_core.Anderson(rtol=args.tol, max_iter=args.max_iter, memory=args.memory),
         "broyden": rbp_core.Broyden(rtol=args.tol, max_iter=args.max_iter),
         "iteration": rbp_core.FixedPointIteration(rtol=args.tol, max_iter=args.max_iter, damping=args.damping),
     }
@@ -256,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--solver", choices=("anderson", "broyden", "iteration"), default="anderson")
     parser.add_argument("--backward", choices=("gmres", "original", "phantom", "jfb"), default="gmres")
     parser.add_argument("--damping", type=float, default=0.5, help="of --solver iteration (default 0.5)")
+    parser.add_argument("--memory", type=int, default=10, help="of --solver anderson (default 10)")
     parser.add_argument("--peer", choices=("rbp-core", "torchdeq"), default="rbp-core")
     parser.add_argument(
         "--jac-reg", type=float, default=0.0, help="weight of the Jacobian penalty (rbp-core only; default 0: none)"
