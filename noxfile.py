@@ -31,10 +31,12 @@ CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))
 # Backend sets the suite runs against, and the dependency group each needs. "core" has no torch
 # installed at all, which also proves that rbp_core works without any framework; "torch" adds
 # PyTorch on the CPU, and CUDA torch and CuPy where a GPU exists (elsewhere the suite prints one
-# line saying which GPU backends are missing and why).
+# line saying which GPU backends are missing and why); "jax" runs the suite on JAX arrays (CPU jax)
+# and the JAX adapter's tests.
 BACKEND_SETS = {
     "core": ("numpy,numpy-readonly,array-api-strict,array-api-strict-noext", "test"),
     "torch": ("torch,torch-cuda?,cupy?", "test-torch"),
+    "jax": ("jax", "test-jax"),
 }
 
 
@@ -138,8 +140,9 @@ def bench(session: nox.Session) -> None:
     """Benchmarks: solver overhead, the Krylov methods' products against SciPy, the PyTorch adapter and its peers.
 
     ``nox -s bench -- ARGS`` passes ARGS to ``bench_core.py``; ``bench_krylov.py``, ``bench_forward.py``,
-    ``bench_torch.py``, ``bench_deq.py``, ``bench_train.py``, ``bench_batch.py`` and ``bench_warm.py`` run with their defaults (torch pinned by ``constraints.txt``; TorchDEQ and
-    TorchOpt are the peers they compare with). One intra-op thread, as the timing scripts expect.
+    ``bench_torch.py``, ``bench_deq.py``, ``bench_train.py``, ``bench_batch.py``, ``bench_warm.py`` and ``bench_jax.py``
+    run with their defaults (torch pinned by ``constraints.txt``; TorchDEQ, TorchOpt, optimistix and jaxopt
+    are the peers they compare with). One intra-op thread, as the timing scripts expect.
     """
     _install(session, "-e", ".", *group("bench"))
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -151,6 +154,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_train.py", env=env)
     session.run("python", "benchmarks/bench_batch.py", env=env)
     session.run("python", "benchmarks/bench_warm.py", env=env)
+    session.run("python", "benchmarks/bench_jax.py", env=env)
 
 
 @nox.session

@@ -162,11 +162,18 @@ def _make(name: str) -> Backend:
         import cupy
 
         return Backend(name, array_api_compat.array_namespace(cupy.empty(0)), "cuda")
+    if name == "jax":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)  # float64 arrays, as every other backend has
+        import jax.numpy as jnp
+
+        return Backend(name, array_api_compat.array_namespace(jnp.empty(0)), jax.devices("cpu")[0])
     msg = f"unknown backend {name!r}"
     raise ValueError(msg)
 
 
-ALL = ("numpy", "numpy-readonly", "array-api-strict", "array-api-strict-noext", "torch", "torch-cuda", "cupy")
+ALL = ("numpy", "numpy-readonly", "array-api-strict", "array-api-strict-noext", "torch", "torch-cuda", "cupy", "jax")
 GPU = {"torch-cuda", "cupy"}
 REQUIRES = {
     "numpy": "numpy",
@@ -176,6 +183,7 @@ REQUIRES = {
     "torch": "torch",
     "torch-cuda": "torch",
     "cupy": "cupy",
+    "jax": "jax",
 }
 
 
