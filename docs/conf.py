@@ -65,7 +65,7 @@ numpydoc_xref_param_type = True
 # themselves and leave them as plain text. "adjoint method" and "forward solver", the types of
 # the solver arguments in words, are split at the space by numpydoc: their words are plain too.
 _DESCRIPTIVE_WORDS = {"array", "ndarray", "matrix", "callable", "object", "optional", "of", "or"}
-_DESCRIPTIVE_WORDS |= {"adjoint", "method", "forward", "solver"}
+_DESCRIPTIVE_WORDS |= {"adjoint", "method", "forward", "solver", "pytree"}
 _BUILTIN_TYPES = {"None", "bool", "int", "float", "str", "tuple", "list", "dict"}
 _PLAIN_TYPE_WORDS = _DESCRIPTIVE_WORDS | _BUILTIN_TYPES
 numpydoc_xref_aliases = {word: word for word in _PLAIN_TYPE_WORDS} | {

@@ -1,7 +1,7 @@
 """The API reference, docs/api.md, documents every public name, and only public names.
 
-The public names are ``rbp_core.__all__`` and the ``__all__`` of the three adapters, read from
-their source so that neither PyTorch nor CuPy has to be installed. A name is documented by an
+The public names are ``rbp_core.__all__`` and the ``__all__`` of the four adapters, read from
+their source so that neither PyTorch, CuPy nor JAX has to be installed. A name is documented by an
 object directive (``autofunction``, ``autoclass``, ``autoexception``, ``autodata``, or the
 ``py:`` directives with their ``:module:`` option) in one of the page's ``{eval-rst}`` blocks.
 """
@@ -20,6 +20,7 @@ ADAPTERS = {
     "rbp_core.backends.numpy": ROOT / "backends" / "numpy.py",
     "rbp_core.backends.torch": ROOT / "backends" / "torch.py",
     "rbp_core.backends.cupy": ROOT / "backends" / "cupy.py",
+    "rbp_core.backends.jax": ROOT / "backends" / "jax.py",
 }
 
 _BLOCK = re.compile(r"^```\{eval-rst\}\n(.*?)^```", re.DOTALL | re.MULTILINE)

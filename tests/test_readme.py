@@ -34,3 +34,16 @@ def test_pytorch_quick_start_runs(capsys: pytest.CaptureFixture[str]) -> None:
     out = [line for line in capsys.readouterr().out.split("\n") if line]
     assert out[0].startswith("fixed_point_iteration: converged")
     assert out[1].startswith("original_rbp: converged")
+
+
+def test_jax_quick_start_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("jax", reason="the JAX quick start needs jax")
+    if not README.exists():
+        pytest.skip("README.md is not next to the tests")
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL) if "import jax" in b]
+    assert blocks, "the README has no JAX quick start"
+    exec(compile(blocks[0], str(README), "exec"), {})  # noqa: S102 - our own README
+    status, steps, shape = capsys.readouterr().out.split(maxsplit=2)
+    assert status == "SUCCESS"
+    assert int(steps) > 1
+    assert shape.strip() == "(50, 50)"
