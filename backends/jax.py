@@ -21,18 +21,19 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 import rbp_core
-from rbp_core import AdjointMethod, BackwardFailureWarning, ForwardSolver, Solution, Status
-from rbp_core._adjoint import OnFailure, check_policy
+from rbp_core import AdjointMethod, BackwardFailureWarning, ForwardSolver, Solution
+from rbp_core._adjoint import OnFailure, check_policy, failure_cotangent
 from rbp_core._batched import _init as init_forward
 from rbp_core._checks import check_contraction, check_instance
 from rbp_core._floats import eps
@@ -304,15 +305,24 @@ def _traced_adjoint(
         result.tolerance * unit,
     )
     jax.debug.callback(
-        functools.partial(_backward_policy, type(method).__name__, method.name, policy), finite_g, *codes
+        functools.partial(_backward_policy, type(method).__name__, method.name, policy, mu), finite_g, *codes
     )
     if policy == "skip":
         z = jnp.where(ok, z, jnp.zeros_like(z))
     return z
 
 
-def _report(method: str, status: int, steps: int, residual: float, tolerance: float) -> Solution:
-    """A traced solve's report as a Solution (no value), for messages and a ConvergenceError."""
+def _report(
+    method: str,
+    status: int,
+    steps: int,
+    residual: float,
+    tolerance: float,
+    *,
+    violated: bool = False,
+    nonfinite_input: bool = False,
+) -> Solution:
+    """A traced solve's report as a Solution (no value), for messages and the core's failure policy."""
     return Solution(
         value=None,
         status=STATUSES[status],
@@ -324,6 +334,8 @@ def _report(method: str, status: int, steps: int, residual: float, tolerance: fl
         tolerance=tolerance if tolerance >= 0 else None,
         error_bound=None,
         note="reported by the traced driver (jax.jit or jax.vmap), which counts steps, not calls",
+        contraction_violated=violated,
+        stats=types.MappingProxyType({"nonfinite_input": True} if nonfinite_input else {}),
     )
 
 
@@ -345,7 +357,8 @@ def _raise_forward(method: str, status: Any, steps: Any, residual: Any, violated
 def _backward_policy(
     name: str,
     method: str,
-    policy: str,
+    policy: OnFailure,
+    contraction: float | None,
     finite_g: Any,
     status: Any,
     steps: Any,
@@ -353,32 +366,11 @@ def _backward_policy(
     violated: Any,
     tolerance: Any,
 ) -> None:
-    """Host side of a traced backward solve: the policy's error or warning, for every problem of the batch."""
+    """Host side of a traced backward solve: for every problem of the batch, the core's policy
+    (:func:`rbp_core._adjoint.failure_cotangent`) on its report raises or warns as an eager call would."""
     for finite, s, n, r, v, t in _rows(finite_g, status, steps, residual, violated, tolerance):
-        if not finite:
-            msg = f"{name}: non-finite values (NaN or Inf) in the incoming gradient dL/dh*"
-            raise FloatingPointError(msg)
-        if s != 0:
-            report = _report(method, s, n, r, t)
-            text = f"backward solve {name} did not converge: {report.describe()}"
-            if policy == "raise":
-                raise rbp_core.ConvergenceError(report)
-            if STATUSES[s] is Status.NONFINITE and policy != "skip":
-                msg = f"{name}: non-finite values (NaN or Inf) in the backward iteration; {text}"
-                raise FloatingPointError(msg)
-            if policy == "skip":
-                warnings.warn(
-                    f"{text}. This fixed point's gradient was skipped (a zero cotangent)",
-                    BackwardFailureWarning,
-                    stacklevel=2,
-                )
-            elif policy == "warn":
-                warnings.warn(f"{text}; the gradient is inexact", BackwardFailureWarning, stacklevel=2)
-        elif v and policy != "ignore":
-            msg = f"backward solve {name}: the claimed contraction was disproved by the iteration"
-            if policy == "raise":
-                raise rbp_core.ContractionViolation(msg)
-            warnings.warn(msg, BackwardFailureWarning, stacklevel=2)
+        report = _report(method, s, n, r, t, violated=bool(v), nonfinite_input=not finite)
+        failure_cotangent(report, np.zeros(1), name, policy, contraction=contraction)
 
 
 def _traced(*trees: Any) -> bool:
