@@ -177,14 +177,20 @@ def fixed_point(
     structure = jax.tree_util.tree_structure(h0)
     _check_output(f, h0, params, structure)
 
+    # Values that f closes over and a transformation traces (an input x under jax.grad or jax.vmap)
+    # become arguments of the custom_vjp next to params, so that their gradients flow too.
+    f_closed, consts = jax.closure_convert(f, h0, params)
+
     def F(h: Any, p: Any) -> Any:
-        return ravel_pytree(f(unravel(h), p))[0]
+        own, closed = p
+        return ravel_pytree(f_closed(unravel(h), own, *closed))[0]
 
     record = _Record()
     root_eps = math.sqrt(float(eps(jnp, dtype)))
 
     def forward(p: Any, h_init: Any) -> tuple[Any, tuple[Any, ...]]:
-        if not _traced(p, h_init):
+        # Traced when the inputs are, or when f closes over traced values (its output then is one).
+        if not (_traced(p, h_init) or _traced(F(h_init, p))):
             sol = rbp_core.fixed_point(lambda h: F(h, p), h_init, solver, contraction=mu, throw=throw)
             record.forward = sol
             residual = sol.residual_norms[-1] if sol.residual_norms else 0.0
@@ -218,7 +224,7 @@ def fixed_point(
         _, vjp_p = jax.vjp(lambda q: F(h, q), p)
         _, vjp_h = jax.vjp(lambda v: F(v, p), h)
         jvp_h = jax.linearize(lambda v: F(v, p), h)[1] if backward.needs_jvp else None
-        if not _traced(h, p, g):
+        if not (_traced(h, p, g) or _traced(vjp_h(g))):
             grads, _ = rbp_core.implicit_backward(
                 lambda v: vjp_h(v)[0],
                 lambda z: vjp_p(z)[0],
@@ -246,7 +252,7 @@ def fixed_point(
         return backward_pass(h, p, cotangents[0]), jnp.zeros_like(h)
 
     layer.defvjp(layer_fwd, layer_bwd)
-    h_star, codes = layer(params, flat0)
+    h_star, codes = layer((params, tuple(consts)), flat0)
     status, num_steps, residual_norm, violated = codes
     return unravel(h_star), FixedPointInfo(status, num_steps, residual_norm, violated, record=record)
 

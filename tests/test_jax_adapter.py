@@ -126,6 +126,29 @@ def test_vmap_solves_each_problem_on_its_own() -> None:
         np.testing.assert_allclose(np.asarray(per_problem[i]), want, rtol=1e-10, atol=1e-12)
 
 
+def test_values_that_the_map_closes_over_get_their_gradients() -> None:
+    params = problem(10)  # W is params; x is closed over, and what jit, grad and vmap trace
+    W = params["W"]
+
+    def solve(x):
+        h, _ = fixed_point(
+            lambda h, p: jnp.tanh(p @ h + x),
+            jnp.asarray(np.zeros(N)),
+            W,
+            backward=BACKWARD["gmres"],
+            solver=FORWARD["iteration"],
+        )
+        return jnp.sum(h**2)
+
+    X = jnp.asarray(np.random.default_rng(11).standard_normal((3, N)))
+    for i in range(3):
+        want = dense_gradient({"W": W, "x": X[i]})["x"]
+        np.testing.assert_allclose(np.asarray(jax.jit(jax.grad(solve))(X[i])), want, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(jax.grad(solve)(X[i])), want, rtol=1e-10, atol=1e-12)
+    values = jax.vmap(solve)(X)
+    np.testing.assert_allclose(np.asarray(values), [float(solve(X[i])) for i in range(3)], rtol=1e-12)
+
+
 def test_pytree_states_and_parameters() -> None:
     params = problem(4)
     W, x = params["W"], params["x"]
