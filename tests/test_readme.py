@@ -1,4 +1,4 @@
-"""The README's quick start runs and its solves succeed."""
+"""The README's quick starts run and their solves succeed."""
 
 from __future__ import annotations
 
@@ -10,14 +10,19 @@ import pytest
 README = Path(__file__).parents[1] / "README.md"
 
 
-def test_quick_start_runs(capsys: pytest.CaptureFixture[str]) -> None:
+def run_quick_start(marker: str, what: str, capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """Run the README's first Python block containing ``marker``; return the lines it printed."""
     if not README.exists():  # an installed copy of the tests without the source tree
         pytest.skip("README.md is not next to the tests")
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
-    assert blocks, "the README has no Python quick start"
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL) if marker in b]
+    assert blocks, f"the README has no {what} quick start"
     exec(compile(blocks[0], str(README), "exec"), {})  # noqa: S102 - our own README
-    out = capsys.readouterr().out.split("\n")
-    assert [line.split()[:2] for line in out if line] == [
+    return [line for line in capsys.readouterr().out.split("\n") if line]
+
+
+def test_quick_start_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    out = run_quick_start("import numpy", "NumPy", capsys)
+    assert [line.split()[:2] for line in out] == [
         ["neumann_rbp", "SUCCESS"],
         ["original_rbp", "SUCCESS"],
         ["cg_rbp", "SUCCESS"],
@@ -26,24 +31,15 @@ def test_quick_start_runs(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_pytorch_quick_start_runs(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("torch", reason="the PyTorch quick start needs torch")
-    if not README.exists():
-        pytest.skip("README.md is not next to the tests")
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL) if "import torch" in b]
-    assert blocks, "the README has no PyTorch quick start"
-    exec(compile(blocks[0], str(README), "exec"), {})  # noqa: S102 - our own README
-    out = [line for line in capsys.readouterr().out.split("\n") if line]
+    out = run_quick_start("import torch", "PyTorch", capsys)
     assert out[0].startswith("fixed_point_iteration: converged")
     assert out[1].startswith("original_rbp: converged")
 
 
 def test_jax_quick_start_runs(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("jax", reason="the JAX quick start needs jax")
-    if not README.exists():
-        pytest.skip("README.md is not next to the tests")
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL) if "import jax" in b]
-    assert blocks, "the README has no JAX quick start"
-    exec(compile(blocks[0], str(README), "exec"), {})  # noqa: S102 - our own README
-    status, steps, shape = capsys.readouterr().out.split(maxsplit=2)
+    (line,) = run_quick_start("import jax", "JAX", capsys)
+    status, steps, shape = line.split(maxsplit=2)
     assert status == "SUCCESS"
     assert int(steps) > 1
-    assert shape.strip() == "(50, 50)"
+    assert shape == "(50, 50)"
