@@ -19,6 +19,7 @@ collect_ignore = [
             "backends/_torch_training.py",
         ),
         "cupy": ("backends/cupy.py", "backends/_cupy_kernels.py"),
+        "jax": ("backends/jax.py", "backends/_jax_loop.py"),
     }.items()
     if importlib.util.find_spec(name) is None
     for path in paths
