@@ -114,7 +114,8 @@ def test_smoke_run(hopfield, tmp_path, capsys):
         if m["status"] == "ok":
             assert len(m["train_curve"]) == 2
             assert np.isfinite(m["test_recall_error"])
-            assert len(m["forward_difference_norms"]) == 50
+            assert len(m["forward_difference_norms"]) == metrics["settings"]["updates"] == hopfield.QUICK_UPDATES
+            assert 0 <= m["recalled_nearest_own_image"] <= 3
         # the growth of each epoch's backward solves (none for BPTT and TBPTT, which make no solve)
         want = 0 if name in ("BPTT", "TBPTT") else len(m["train_curve"])
         assert len(m["backward_term_growth"]) == want
@@ -128,6 +129,7 @@ def test_smoke_run(hopfield, tmp_path, capsys):
     assert "recall err" in printed
     assert "all zeros" in printed
     assert "lower is better" in printed
+    assert "own image" in printed
     assert "Neumann-RBP: ok, 2/2 epochs" in printed
 
 
